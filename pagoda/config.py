@@ -1,0 +1,89 @@
+"""Shared contract: the frozen configuration tree, built once at the entrypoint.
+
+Each component receives only its own sub-config. Validation happens in
+`__post_init__` and names the field; facts discovered at run time (the
+model's max length, the number of KV blocks) produce a new config through
+`dataclasses.replace`, never by mutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+_HASH_ALGOS = ("sha256", "xxhash")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model to run: a resolved folder with config.json, weights and tokenizer."""
+
+    model: str  # what the user asked for (alias, folder or .gguf path)
+    path: str  # the resolved Hugging Face-style folder
+    architecture: str
+    dtype: str  # resolved torch dtype name
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in _DTYPES[1:], f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        _require(self.max_model_len >= 1, f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
+    # Bytes for KV blocks; None: `kv_cache_memory_fraction` of free memory, capped.
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                 f"block_size must be a power of two up to 256, got {self.block_size}")
+        _require(self.prefix_caching_hash_algo in _HASH_ALGOS,
+                 f"prefix_caching_hash_algo must be one of {_HASH_ALGOS}, got {self.prefix_caching_hash_algo!r}")
+        _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                 f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        _require(0.0 < self.kv_cache_memory_fraction <= 0.95,
+                 f"kv_cache_memory_fraction must be in (0, 0.95], got {self.kv_cache_memory_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits for one engine step."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs" or "priority"
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        _require(self.max_num_batched_tokens >= 1,
+                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        _require(self.policy in ("fcfs", "priority"), f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        _require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
+                 "max_num_batched_tokens must be at least max_model_len when chunked prefill is disabled")
+
+
+@dataclass(frozen=True)
+class PagodaConfig:
+    """The whole tree, passed to the engine."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)

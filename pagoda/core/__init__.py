@@ -1,0 +1,1 @@
+"""Core layer: scheduling and KV-block bookkeeping in pure Python (never imports torch)."""

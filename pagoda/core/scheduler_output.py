@@ -1,0 +1,45 @@
+"""Core layer: what the scheduler tells the workers to compute this step.
+
+New requests travel in full once (`NewRequestData`); requests the worker
+already knows travel as diffs (`CachedRequestData`). msgspec Structs so a
+multi-process executor can send them without pickle.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pagoda.sampling_params import SamplingParams
+
+# One list of block ids per KV cache group.
+BlockIds = tuple[list[int], ...]
+
+
+class NewRequestData(msgspec.Struct, kw_only=True):
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: BlockIds
+    num_computed_tokens: int
+
+
+class CachedRequestData(msgspec.Struct, kw_only=True):
+    """Parallel lists, one entry per request scheduled again."""
+
+    req_ids: list[str] = msgspec.field(default_factory=list)
+    # A resumed request's new_block_ids replace its old ones instead of extending them.
+    resumed_from_preemption: list[bool] = msgspec.field(default_factory=list)
+    new_block_ids: list[BlockIds | None] = msgspec.field(default_factory=list)
+    num_computed_tokens: list[int] = msgspec.field(default_factory=list)
+
+
+class SchedulerOutput(msgspec.Struct, kw_only=True):
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: CachedRequestData
+    # req_id -> tokens to compute this step; only scheduled requests appear.
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Finished since the previous step: the worker drops their state.
+    finished_req_ids: set[str] = msgspec.field(default_factory=set)
+    # Opaque instructions for the KV connector's worker side (none yet).
+    kv_connector_metadata: bytes | None = None

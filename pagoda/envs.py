@@ -1,0 +1,15 @@
+"""Shared contract: every environment variable Pagoda reads, read in this one module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where converted models live (`PAGODA_CACHE_DIR`, default ~/.cache/pagoda)."""
+    return Path(os.environ.get("PAGODA_CACHE_DIR", Path.home() / ".cache" / "pagoda"))
+
+
+def log_level() -> str:
+    return os.environ.get("PAGODA_LOG_LEVEL", "INFO").upper()
