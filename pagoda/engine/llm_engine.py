@@ -1,0 +1,102 @@
+"""Engine layer: `LLMEngine` — input processing, the core client and output processing in one loop.
+
+Adding a request is two-phase: `prepare_request` validates and tokenizes
+without touching the engine (so a batch with one bad prompt adds nothing),
+and `submit` hands the prepared request to the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagoda.config import PagodaConfig
+from pagoda.engine.core_client import EngineCoreClient, InprocClient
+from pagoda.engine.input_processor import InputProcessor, PromptType
+from pagoda.engine.messages import EngineCoreRequest, SchedulerStatsMessage
+from pagoda.engine.output_processor import OutputProcessor, ParentRequest
+from pagoda.engine.tokenizer import load_tokenizer
+from pagoda.outputs import RequestMetrics, RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+
+@dataclass
+class PreparedRequest:
+    parent: ParentRequest
+    children: list[EngineCoreRequest]
+
+
+class LLMEngine:
+    def __init__(self, config: PagodaConfig, client: EngineCoreClient | None = None) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model_config.path)
+        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)
+        self.engine_core = client if client is not None else InprocClient(config)
+        self.scheduler_stats: SchedulerStatsMessage | None = None
+
+    def prepare_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> PreparedRequest:
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self.input_processor.tokenize(prompt, add_special_tokens)
+        first = self.input_processor.process(request_id, token_ids, params, priority=priority, cache_salt=cache_salt)
+        parent = ParentRequest(
+            request_id=request_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=token_ids,
+            n=params.n,
+            output_kind=params.output_kind,
+            metrics=RequestMetrics(arrival_time=first.arrival_time, num_prompt_tokens=len(token_ids)),
+        )
+        children = []
+        for index in range(params.n):
+            # Each of the n sequences samples on its own; seeded ones get distinct seeds.
+            seed = None if params.seed is None else params.seed + index
+            child_params = first.sampling_params.clone(n=1, seed=seed)
+            children.append(
+                EngineCoreRequest(
+                    request_id=parent.child_id(index),
+                    prompt_token_ids=token_ids,
+                    sampling_params=child_params,
+                    eos_token_id=first.eos_token_id,
+                    arrival_time=first.arrival_time,
+                    priority=priority,
+                    cache_salt=cache_salt,
+                )
+            )
+        return PreparedRequest(parent, children)
+
+    def submit(self, prepared: PreparedRequest) -> None:
+        for index, child in enumerate(prepared.children):
+            self.output_processor.add_request(prepared.parent, index, child)
+            self.engine_core.add_request(child)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, **kwargs: object) -> None:
+        self.submit(self.prepare_request(request_id, prompt, params, **kwargs))  # type: ignore[arg-type]
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.engine_core.abort_requests(self.output_processor.abort_requests(request_ids))
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.engine_core.get_output()
+        request_outputs, to_abort = self.output_processor.process_outputs(outputs.outputs)
+        self.engine_core.abort_requests(to_abort)
+        if outputs.scheduler_stats is not None:
+            self.scheduler_stats = outputs.scheduler_stats
+        return request_outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished_requests()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine_core.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.engine_core.shutdown()

@@ -1,0 +1,30 @@
+"""Engine layer: loading the model's tokenizer and rendering chat conversations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+ChatMessage = dict[str, Any]
+
+
+def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if not tokenizer.is_fast:
+        raise ValueError(f"{model_path}: Pagoda needs a fast tokenizer (tokenizer.json)")
+    return tokenizer
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage],
+                add_generation_prompt: bool = True, chat_template: str | None = None) -> str:
+    """The conversation as prompt text, by the model's chat template (or `chat_template`)."""
+    if chat_template is None and tokenizer.chat_template is None:
+        raise ValueError("this model has no chat template; pass chat_template= or use generate()")
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"each chat message needs 'role' and 'content', got {message!r}")
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+    )

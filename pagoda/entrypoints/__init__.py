@@ -1,0 +1,1 @@
+"""Entrypoints layer: the offline `LLM` API and the `pagoda` command line."""

@@ -1,0 +1,100 @@
+"""Entrypoints layer: the `pagoda` command (`generate`, `convert`), flags named like vLLM's."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+
+from pagoda import envs
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Here is a short story about a lighthouse keeper:",
+    "def fibonacci(n):",
+    "The three primary colours are",
+)
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    from pagoda.engine.arg_utils import EngineArgs
+
+    defaults = EngineArgs()
+    parser.add_argument("model", nargs="?", default=defaults.model,
+                        help="alias (gemma3-270m, smollm2-135m), Hugging Face folder, or .gguf file")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=defaults.enable_prefix_caching)
+    parser.add_argument("--prefix-caching-hash-algo", default=defaults.prefix_caching_hash_algo,
+                        choices=["sha256", "xxhash"])
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for KV blocks")
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                        default=defaults.enable_chunked_prefill)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    from pagoda.engine.arg_utils import EngineArgs
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)} - {"model"}
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from pagoda import LLM, SamplingParams
+
+    started = time.monotonic()
+    llm = LLM(args.model, **_engine_kwargs(args))
+    print(f"engine ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    started = time.monotonic()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.monotonic() - started
+    num_generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    for output in outputs:
+        print(f"--- {output.prompt!r}\n{output.outputs[0].text}\n")
+    print(f"{len(outputs)} prompts, {num_generated} tokens in {elapsed:.2f} s: "
+          f"{num_generated / elapsed:.1f} output tok/s")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from pagoda.models.resolve import resolve_model
+
+    print(resolve_model(args.model))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate text for a few prompts")
+    _add_engine_flags(generate)
+    generate.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a few examples")
+    generate.add_argument("--max-tokens", type=int, default=48)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    generate.set_defaults(handler=_generate)
+    convert = commands.add_parser("convert", help="convert a GGUF model once into the cache and print its folder")
+    convert.add_argument("model")
+    convert.set_defaults(handler=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except ValueError as error:
+        print(f"pagoda: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Worker layer: owns the device, the model, the KV tensors, and runs one step at a time."""

@@ -1,0 +1,1 @@
+"""Worker layer: attention over the paged KV cache."""

@@ -1,0 +1,97 @@
+"""Worker layer: builds each KV cache group's attention metadata for one step (numpy, then one copy).
+
+Index arithmetic for a request whose tokens [c, c + n) are computed this step
+(c = computed tokens, bs = block size, W = sliding window or none):
+
+    positions      c ............ c+n-1
+    blocks needed  first = max(0, c - W + 1) // bs   (0 for full attention)
+                   last  = (c + n - 1) // bs
+    key positions  first*bs ... (last+1)*bs - 1, masked to  k <= q  and  k > q - W
+
+Blocks outside the window may be the null block (freed by the scheduler):
+their keys are always masked out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pagoda.worker.attention.paged_attention import DecodeMetadata, GroupAttentionMetadata, PrefillMetadata
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def build_group_metadata(
+    block_table: np.ndarray,  # [R, max_blocks] block ids of the batch rows
+    num_blocks: np.ndarray,  # [R] how many entries of each row are valid
+    num_computed: np.ndarray,  # [R]
+    num_scheduled: np.ndarray,  # [R]
+    positions: np.ndarray,  # [T] flat positions
+    row_of_token: np.ndarray,  # [T]
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> GroupAttentionMetadata:
+    slots = block_table[row_of_token, positions // block_size] * block_size + positions % block_size
+    query_start = np.concatenate(([0], np.cumsum(num_scheduled)))
+    decode_rows = np.flatnonzero(num_scheduled == 1)
+    decode = None
+    if decode_rows.size:
+        decode = _build_decode(block_table, num_blocks, num_computed, decode_rows, query_start,
+                               block_size, sliding_window, device)
+    prefills = [
+        _build_prefill(block_table[row], int(num_computed[row]), int(num_scheduled[row]), int(query_start[row]),
+                       block_size, sliding_window, device)
+        for row in np.flatnonzero(num_scheduled > 1)
+    ]
+    return GroupAttentionMetadata(
+        slot_mapping=torch.from_numpy(slots).to(device), decode=decode, prefills=prefills
+    )
+
+
+def _key_mask(key_positions: np.ndarray, query_positions: np.ndarray, sliding_window: int | None) -> np.ndarray:
+    mask = key_positions <= query_positions
+    if sliding_window is not None:
+        mask &= key_positions > query_positions - sliding_window
+    return mask
+
+
+def _build_decode(block_table: np.ndarray, num_blocks: np.ndarray, num_computed: np.ndarray, rows: np.ndarray,
+                  query_start: np.ndarray, block_size: int, sliding_window: int | None,
+                  device: torch.device) -> DecodeMetadata:
+    query_pos = num_computed[rows]
+    if sliding_window is None:
+        first = np.zeros_like(query_pos)
+        width = int(query_pos.max()) // block_size + 1
+    else:
+        first = np.maximum(query_pos - sliding_window + 1, 0) // block_size
+        width = _cdiv(sliding_window - 1, block_size) + 1
+    width = min(width, block_table.shape[1])
+    cols = first[:, None] + np.arange(width)[None, :]
+    in_table = cols < num_blocks[rows][:, None]
+    ids = np.where(in_table, block_table[rows[:, None], np.minimum(cols, block_table.shape[1] - 1)], 0)
+    key_pos = (cols[:, :, None] * block_size + np.arange(block_size)).reshape(len(rows), -1)
+    mask = _key_mask(key_pos, query_pos[:, None], sliding_window)
+    return DecodeMetadata(
+        token_indices=torch.from_numpy(query_start[rows]).to(device),
+        block_ids=torch.from_numpy(ids).to(device),
+        mask=torch.from_numpy(mask[:, None, None, :]).to(device),
+    )
+
+
+def _build_prefill(row_blocks: np.ndarray, computed: int, scheduled: int, token_start: int, block_size: int,
+                   sliding_window: int | None, device: torch.device) -> PrefillMetadata:
+    first = 0 if sliding_window is None else max(computed - sliding_window + 1, 0) // block_size
+    last = (computed + scheduled - 1) // block_size
+    key_pos = np.arange(first * block_size, (last + 1) * block_size)
+    query_pos = np.arange(computed, computed + scheduled)
+    mask = _key_mask(key_pos[None, :], query_pos[:, None], sliding_window)
+    return PrefillMetadata(
+        token_start=token_start,
+        token_end=token_start + scheduled,
+        block_ids=torch.from_numpy(row_blocks[first : last + 1].copy()).to(device),
+        mask=torch.from_numpy(mask).to(device),
+    )

@@ -1,0 +1,112 @@
+"""Worker layer: paged attention over a flat ragged batch, portable PyTorch path.
+
+Each layer writes the step's new keys and values into its paged KV tensor at
+the slots the scheduler assigned, then attends over the blocks each request
+needs. Requests with one query token (decodes) are batched into one
+`scaled_dot_product_attention` call with a padding mask; requests with many
+(prefill chunks) are attended one by one with a causal mask offset by their
+computed tokens. Sliding-window groups only gather the blocks inside the
+window, so their cost stays flat as a sequence grows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.models.interfaces import AttentionLayerSpec
+
+
+@dataclass
+class DecodeMetadata:
+    token_indices: torch.Tensor  # [Rd] positions in the flat batch
+    block_ids: torch.Tensor  # [Rd, num_blocks]
+    mask: torch.Tensor  # [Rd, 1, 1, num_blocks * block_size] bool, True = attend
+
+
+@dataclass
+class PrefillMetadata:
+    token_start: int
+    token_end: int
+    block_ids: torch.Tensor  # [num_blocks]
+    mask: torch.Tensor  # [num_query_tokens, num_blocks * block_size] bool
+
+
+@dataclass
+class GroupAttentionMetadata:
+    """Everything one KV cache group's layers need for this step."""
+
+    slot_mapping: torch.Tensor  # [T] slot of each new token: block_id * block_size + offset
+    decode: DecodeMetadata | None
+    prefills: list[PrefillMetadata]
+
+
+class PagedAttention:
+    """The models' `AttentionContext` for one step: routes each layer to its group's metadata."""
+
+    def __init__(
+        self,
+        layer_specs: list[AttentionLayerSpec],
+        layer_kv_caches: list[torch.Tensor],
+        layer_groups: list[int],
+        group_metadata: list[GroupAttentionMetadata],
+    ) -> None:
+        self._layer_specs = layer_specs
+        self._layer_kv_caches = layer_kv_caches  # per layer: [2, num_blocks, block_size, kv_heads, head_dim]
+        self._layer_groups = layer_groups
+        self._group_metadata = group_metadata
+
+    def forward(self, layer_index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        spec = self._layer_specs[layer_index]
+        metadata = self._group_metadata[self._layer_groups[layer_index]]
+        kv_cache = self._layer_kv_caches[layer_index]
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        write_kv(key_cache, value_cache, key, value, metadata.slot_mapping)
+        output = torch.empty_like(query)
+        if metadata.decode is not None:
+            decode = metadata.decode
+            q = query[decode.token_indices].unsqueeze(2)  # [Rd, H, 1, D]
+            k = _gather(key_cache, decode.block_ids)
+            v = _gather(value_cache, decode.block_ids)
+            output[decode.token_indices] = attend(q, k, v, decode.mask, spec).squeeze(2)
+        for prefill in metadata.prefills:
+            q = query[prefill.token_start : prefill.token_end].transpose(0, 1)  # [H, n, D]
+            k = _gather(key_cache, prefill.block_ids)
+            v = _gather(value_cache, prefill.block_ids)
+            output[prefill.token_start : prefill.token_end] = attend(q, k, v, prefill.mask, spec).transpose(0, 1)
+        return output
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Blocks -> [..., kv_heads, tokens, head_dim] (block_ids [..., nb])."""
+    blocks = cache[block_ids]  # [..., nb, bs, kvh, D]
+    shape = blocks.shape
+    tokens = blocks.reshape(*shape[:-4], shape[-4] * shape[-3], shape[-2], shape[-1])
+    return tokens.transpose(-3, -2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           spec: AttentionLayerSpec) -> torch.Tensor:
+    """Masked attention with grouped KV heads; q [..., H, n, D], k/v [..., KVH, L, D]."""
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if spec.logit_softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=True)
+    # Softcapping sits between the scores and the softmax, which SDPA cannot express.
+    group = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)
+    v = v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * spec.scale
+    scores = spec.logit_softcap * torch.tanh(scores / spec.logit_softcap)
+    scores = scores.masked_fill(~mask, -math.inf)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)

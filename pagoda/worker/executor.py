@@ -1,0 +1,55 @@
+"""Worker layer: the executor — how the engine reaches its workers.
+
+`collective_rpc` calls one method on every worker and returns their answers
+in rank order; everything else is built on it, so a multi-process or
+multi-node executor only has to provide that one call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from pagoda.config import PagodaConfig
+from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from pagoda.core.model_runner_output import ModelRunnerOutput
+from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.worker.worker import Worker
+
+
+class Executor(ABC):
+    def __init__(self, config: PagodaConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def collective_rpc(self, method: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """Call `method` on every worker; answers in rank order."""
+
+    def load_model(self) -> None:
+        self.collective_rpc("load_model")
+
+    def get_kv_cache_spec(self) -> list[KVCacheSpec]:
+        return self.collective_rpc("get_kv_cache_spec")[0]
+
+    def determine_available_memory(self) -> int:
+        return min(self.collective_rpc("determine_available_memory"))
+
+    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
+        self.collective_rpc("initialize_kv_cache", (kv_cache_config,))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collective_rpc("execute_model", (scheduler_output,))[0]
+
+    def shutdown(self) -> None:
+        """Release workers; in-process workers need nothing."""
+
+
+class UniProcExecutor(Executor):
+    """One worker in the engine's own process."""
+
+    def __init__(self, config: PagodaConfig) -> None:
+        super().__init__(config)
+        self.worker = Worker(config)
+
+    def collective_rpc(self, method: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]

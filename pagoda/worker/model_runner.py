@@ -1,0 +1,210 @@
+"""Worker layer: runs one scheduler step on the model — inputs, forward, logits, sampling.
+
+Per step: apply the scheduler's diffs to the persistent `InputBatch`, build
+one flat batch of every scheduled token (ids, positions, per-group slot
+mappings and attention metadata), make one model call, compute logits only
+for rows that finished their known tokens (partial prefill chunks sample
+nothing), sample them together, and append the new tokens to the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pagoda.config import PagodaConfig
+from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
+from pagoda.core.model_runner_output import LogprobsLists, ModelRunnerOutput
+from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.models.interfaces import AttentionLayerSpec
+from pagoda.models.loader import load_model
+from pagoda.worker.attention.metadata import build_group_metadata
+from pagoda.worker.attention.paged_attention import PagedAttention
+from pagoda.worker.input_batch import CachedRequestState, InputBatch
+from pagoda.worker.sampler import Sampler, gather_logprobs
+from pagoda.worker.sampling_metadata import build_sampling_metadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attention: PagedAttention
+    sample_rows: np.ndarray  # batch rows that produce a token this step
+    logits_indices: torch.Tensor  # flat index of each sample row's last token
+    query_start: np.ndarray  # [R + 1]
+
+
+class ModelRunner:
+    def __init__(self, config: PagodaConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = getattr(torch, config.model_config.dtype)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+
+    def load_model(self) -> None:
+        self.model = load_model(Path(self.config.model_config.path), self.dtype, self.device)
+        self.layer_specs: list[AttentionLayerSpec] = self.model.attention_layer_specs()
+
+    def get_kv_cache_spec(self) -> list[KVCacheSpec]:
+        block_size = self.config.cache_config.block_size
+        dtype_size = torch.empty((), dtype=self.dtype).element_size()
+        specs: list[KVCacheSpec] = []
+        for layer in self.layer_specs:
+            common = dict(block_size=block_size, num_kv_heads=layer.num_kv_heads, head_size=layer.head_dim,
+                          dtype_size=dtype_size)
+            if layer.sliding_window is None:
+                specs.append(FullAttentionSpec(**common))
+            else:
+                specs.append(SlidingWindowSpec(**common, sliding_window=layer.sliding_window))
+        return specs
+
+    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
+        self.kv_cache_config = kv_cache_config
+        spec = kv_cache_config.groups[0].spec
+        # Zeroed, not empty: masked-out keys still flow through the softmax-weighted sum as 0 * value.
+        shared = [
+            torch.zeros(2, kv_cache_config.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size,
+                        dtype=self.dtype, device=self.device)
+            for _ in range(kv_cache_config.num_kv_tensors)
+        ]
+        num_layers = len(self.layer_specs)
+        self.layer_kv_caches: list[torch.Tensor] = [shared[0]] * num_layers
+        self.layer_groups = [0] * num_layers
+        for group_index, group in enumerate(kv_cache_config.groups):
+            for position, layer_index in enumerate(group.layer_indices):
+                self.layer_kv_caches[layer_index] = shared[position]
+                self.layer_groups[layer_index] = group_index
+        max_model_len = self.config.scheduler_config.max_model_len
+        self.input_batch = InputBatch(
+            max_num_reqs=self.config.scheduler_config.max_num_seqs,
+            max_model_len=max_model_len,
+            max_num_blocks_per_req=-(-max_model_len // spec.block_size),
+            num_groups=len(kv_cache_config.groups),
+        )
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        batch = self.input_batch
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        inputs = self._prepare_inputs(scheduler_output)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
+        prompt_logprobs = self._compute_prompt_logprobs(hidden, inputs)
+        sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
+        logprobs: list[LogprobsLists | None] = [None] * batch.num_reqs
+        if inputs.sample_rows.size:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            metadata = build_sampling_metadata(batch, inputs.sample_rows, self.device)
+            output = self.sampler(logits, metadata)
+            token_ids = output.token_ids.tolist()
+            for i, row in enumerate(inputs.sample_rows.tolist()):
+                batch.append_token(row, token_ids[i])
+                sampled[row] = [token_ids[i]]
+                if output.logprobs is not None and batch.states[row].sampling_params.logprobs is not None:
+                    logprobs[row] = LogprobsLists(token_ids=[output.logprobs.token_ids[i]],
+                                                  logprobs=[output.logprobs.logprobs[i]],
+                                                  ranks=[output.logprobs.ranks[i]])
+        return ModelRunnerOutput(
+            req_ids=list(batch.req_ids),
+            sampled_token_ids=sampled,
+            logprobs=logprobs if any(entry is not None for entry in logprobs) else None,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        batch = self.input_batch
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+            if req_id in batch.req_id_to_index:
+                batch.remove_request(req_id)
+        # Requests not scheduled this step (e.g. preempted) leave the batch but keep their state.
+        for req_id in [r for r in batch.req_ids if r not in scheduler_output.num_scheduled_tokens]:
+            batch.remove_request(req_id)
+        for new in scheduler_output.scheduled_new_reqs:
+            params = new.sampling_params
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed)
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id, prompt_token_ids=new.prompt_token_ids, sampling_params=params,
+                generator=generator, block_ids=tuple(list(ids) for ids in new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+            batch.add_request(self.requests[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            self._update_cached_request(req_id, cached.resumed_from_preemption[i], cached.new_block_ids[i],
+                                        cached.num_computed_tokens[i])
+
+    def _update_cached_request(self, req_id: str, resumed: bool, new_block_ids: tuple[list[int], ...] | None,
+                               num_computed_tokens: int) -> None:
+        state = self.requests[req_id]
+        state.num_computed_tokens = num_computed_tokens
+        if resumed:
+            state.block_ids = tuple(list(ids) for ids in (new_block_ids or ()))
+        elif new_block_ids is not None:
+            for ids, new_ids in zip(state.block_ids, new_block_ids):
+                ids.extend(new_ids)
+        batch = self.input_batch
+        row = batch.req_id_to_index.get(req_id)
+        if row is None:
+            batch.add_request(state)
+            return
+        batch.num_computed_tokens[row] = num_computed_tokens
+        if new_block_ids is not None:
+            batch.block_table.append_row(row, new_block_ids)
+
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        num_scheduled = np.array([scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids], dtype=np.int64)
+        num_computed = batch.num_computed_tokens[:num_reqs]
+        query_start = np.concatenate(([0], np.cumsum(num_scheduled)))
+        row_of_token = np.repeat(np.arange(num_reqs), num_scheduled)
+        positions = num_computed[row_of_token] + np.arange(query_start[-1]) - query_start[row_of_token]
+        input_ids = batch.token_ids[row_of_token, positions]
+        group_metadata = [
+            build_group_metadata(
+                batch.block_table[g].block_ids[:num_reqs], batch.block_table[g].num_blocks[:num_reqs],
+                num_computed, num_scheduled, positions, row_of_token, group.spec.block_size,
+                getattr(group.spec, "sliding_window", None), self.device,
+            )
+            for g, group in enumerate(self.kv_cache_config.groups)
+        ]
+        sample_rows = np.flatnonzero(num_computed + num_scheduled >= batch.num_tokens[:num_reqs])
+        return StepInputs(
+            input_ids=torch.from_numpy(input_ids).to(self.device),
+            positions=torch.from_numpy(positions).to(self.device),
+            attention=PagedAttention(self.layer_specs, self.layer_kv_caches, self.layer_groups, group_metadata),
+            sample_rows=sample_rows,
+            logits_indices=torch.from_numpy(query_start[sample_rows + 1] - 1).to(self.device),
+            query_start=query_start,
+        )
+
+    def _compute_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, LogprobsLists]:
+        """Logprobs of the prompt tokens this step's chunk predicts (token p+1 from position p)."""
+        batch = self.input_batch
+        result: dict[str, LogprobsLists] = {}
+        for row, state in enumerate(batch.states):
+            num_top = state.sampling_params.prompt_logprobs
+            computed, num_prompt = int(batch.num_computed_tokens[row]), int(batch.num_prompt_tokens[row])
+            if num_top is None or computed >= num_prompt - 1:
+                continue
+            start = int(inputs.query_start[row])
+            count = min(int(inputs.query_start[row + 1]) - start, num_prompt - 1 - computed)
+            if count <= 0:
+                continue
+            logits = self.model.compute_logits(hidden[start : start + count])
+            targets = torch.from_numpy(batch.token_ids[row, computed + 1 : computed + 1 + count]).to(self.device)
+            result[state.req_id] = gather_logprobs(torch.log_softmax(logits, dim=-1), targets, num_top)
+        return result

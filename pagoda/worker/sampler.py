@@ -1,0 +1,137 @@
+"""Worker layer: picks the next token for every sampling row of the batch at once.
+
+Order of operations (as in vLLM): logprobs from the raw logits, then
+penalties, then greedy or temperature → min-p → top-k → top-p → a draw by the
+exponential race `argmax(p / Exp(1))`, which needs no sort and no host sync.
+Rows with a `seed` draw their noise from their own generator, so their text
+does not depend on what else is in the batch. The full-vocabulary sort runs
+only when some row uses top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.core.model_runner_output import LogprobsLists
+
+
+@dataclass
+class SamplingMetadata:
+    """Per sampling row options, as device tensors (None where no row uses them)."""
+
+    temperature: torch.Tensor  # [N] float32; 0 = greedy
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [N] int64; 0 = all tokens
+    top_p: torch.Tensor | None  # [N] float32
+    min_p: torch.Tensor | None  # [N] float32
+    generators: dict[int, torch.Generator]  # row -> generator of seeded rows
+    # Penalties: token ids of prompt+output and of output only, padded with -1.
+    repetition_penalty: torch.Tensor | None  # [N] float32
+    presence_penalty: torch.Tensor | None
+    frequency_penalty: torch.Tensor | None
+    seen_token_ids: torch.Tensor | None  # [N, L] int64
+    output_token_ids: torch.Tensor | None  # [N, L'] int64
+    max_num_logprobs: int | None  # None: no row wants logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [N] int64
+    logprobs: LogprobsLists | None  # rows in the same order; the sampled token first
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
+        logits = apply_penalties(logits, metadata)
+        greedy = logits.argmax(dim=-1)
+        if metadata.all_greedy:
+            token_ids = greedy
+        else:
+            token_ids = torch.where(metadata.temperature == 0, greedy, self._sample(logits, metadata))
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, token_ids, metadata.max_num_logprobs or 0)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        temperature = torch.where(metadata.temperature == 0, 1.0, metadata.temperature)
+        logits = logits / temperature.unsqueeze(1)
+        if metadata.top_k is not None:
+            logits = apply_top_k(logits, metadata.top_k)
+        if metadata.top_p is not None:
+            logits = apply_top_p(logits, metadata.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if metadata.min_p is not None:
+            threshold = probs.amax(dim=-1, keepdim=True) * metadata.min_p.unsqueeze(1)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        noise = torch.empty_like(probs).exponential_()
+        for row, generator in metadata.generators.items():
+            noise[row].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    if metadata.repetition_penalty is not None and metadata.seen_token_ids is not None:
+        seen = _token_mask(metadata.seen_token_ids, logits.shape[1])
+        penalty = metadata.repetition_penalty.unsqueeze(1)
+        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, scaled, logits)
+    if metadata.output_token_ids is not None and (
+        metadata.presence_penalty is not None or metadata.frequency_penalty is not None
+    ):
+        counts = _token_counts(metadata.output_token_ids, logits.shape[1])
+        if metadata.frequency_penalty is not None:
+            logits = logits - metadata.frequency_penalty.unsqueeze(1) * counts
+        if metadata.presence_penalty is not None:
+            logits = logits - metadata.presence_penalty.unsqueeze(1) * (counts > 0)
+    return logits
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, V] float counts of each id in each row; -1 is padding."""
+    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, device=token_ids.device)
+    index = torch.where(token_ids < 0, vocab_size, token_ids)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+def _token_mask(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return _token_counts(token_ids, vocab_size) > 0
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k largest logits (k = 0: keep all)."""
+    vocab_size = logits.shape[1]
+    k = torch.where(top_k <= 0, vocab_size, top_k).clamp(max=vocab_size)
+    max_k = int(k.max())
+    top_values = logits.topk(max_k, dim=-1).values
+    threshold = top_values.gather(1, (k - 1).unsqueeze(1))
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (at least one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= top_p.unsqueeze(1)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsLists:
+    """The chosen token's logprob and rank, followed by the top `num_top`."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    if num_top > 0:
+        top_values, top_ids = logprobs.topk(num_top, dim=-1)
+        ids = torch.cat([token_ids.unsqueeze(1), top_ids], dim=1)
+        values = torch.cat([chosen, top_values], dim=1)
+    else:
+        ids, values = token_ids.unsqueeze(1), chosen
+    return LogprobsLists(token_ids=ids.tolist(), logprobs=values.tolist(), ranks=ranks.tolist())

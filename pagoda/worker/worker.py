@@ -1,0 +1,65 @@
+"""Worker layer: one device's worker — sets up the device, sizes the KV cache, runs steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from pagoda.config import PagodaConfig
+from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from pagoda.core.model_runner_output import ModelRunnerOutput
+from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# Without an explicit budget, host-memory KV caches stay below this (as vLLM's CPU default).
+_DEFAULT_MAX_HOST_KV_BYTES = 4 << 30
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _available_host_memory() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+class Worker:
+    def __init__(self, config: PagodaConfig, rank: int = 0) -> None:
+        self.config = config
+        self.rank = rank
+        self.device = select_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+        torch.manual_seed(config.model_config.seed)
+        self.model_runner = ModelRunner(config, self.device)
+
+    def load_model(self) -> None:
+        self.model_runner.load_model()
+
+    def get_kv_cache_spec(self) -> list[KVCacheSpec]:
+        return self.model_runner.get_kv_cache_spec()
+
+    def determine_available_memory(self) -> int:
+        """Bytes this worker can give to KV blocks."""
+        cache_config = self.config.cache_config
+        if cache_config.kv_cache_memory is not None:
+            return cache_config.kv_cache_memory
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * cache_config.kv_cache_memory_fraction)
+        fraction = int(_available_host_memory() * cache_config.kv_cache_memory_fraction)
+        return min(fraction, _DEFAULT_MAX_HOST_KV_BYTES)
+
+    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
+        self.model_runner.initialize_kv_cache(kv_cache_config)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output)
