@@ -1,0 +1,61 @@
+"""Shared fixtures: converted default models and float32 engines, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    from pagoda.models.resolve import resolve_model
+
+    return resolve_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    from pagoda.models.resolve import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def model_paths(gemma_path: Path, smollm_path: Path) -> dict[str, Path]:
+    return {"gemma3-270m": gemma_path, "smollm2-135m": smollm_path}
+
+
+# 256 MiB of fp32 KV: a 4k-token Gemma prompt fits with room; tests stay light on memory.
+TEST_KV_BYTES = 256 << 20
+
+
+@pytest.fixture(scope="session")
+def gemma_llm(gemma_path: Path):
+    from pagoda import LLM
+
+    return LLM(str(gemma_path), dtype="float32", kv_cache_memory=TEST_KV_BYTES, max_model_len=8192)
+
+
+@pytest.fixture(scope="session")
+def smollm_llm(smollm_path: Path):
+    from pagoda import LLM
+
+    return LLM(str(smollm_path), dtype="float32", kv_cache_memory=TEST_KV_BYTES)
+
+
+@pytest.fixture(scope="session")
+def llms(gemma_llm, smollm_llm) -> dict:
+    return {"gemma3-270m": gemma_llm, "smollm2-135m": smollm_llm}
+
+
+@pytest.fixture(scope="session")
+def hf_models(model_paths: dict[str, Path]) -> dict:
+    """transformers' own implementation on the same converted folders, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return {
+        name: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        for name, path in model_paths.items()
+    }

@@ -1,0 +1,66 @@
+"""Batch invariance, chunked prefill, preemption and prefix caching: same greedy tokens every way (fp32)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW_TOKENS = 24
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, min_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+
+
+def mixed_prompts(num: int, vocab_hi: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [rng.choice([3, 17, 40, 97, 160, 255]) for _ in range(num)]
+    return [[1] + [rng.randrange(100, vocab_hi) for _ in range(n)] for n in lengths]
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return mixed_prompts(32, 40000)
+
+
+@pytest.fixture(scope="module")
+def alone(smollm_llm, prompts) -> list[list[int]]:
+    return [smollm_llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+
+def test_batch_of_32_equals_each_prompt_alone(smollm_llm, prompts, alone):
+    assert tokens(smollm_llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
+
+
+def test_chunked_prefill_with_a_small_token_budget(smollm_path, prompts, alone):
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=256 << 20, max_num_batched_tokens=64)
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
+
+
+def test_preemption_with_too_few_blocks_gives_identical_tokens(smollm_llm, smollm_path, prompts, alone):
+    bytes_per_block = smollm_llm.llm_engine.engine_core.engine_core.kv_cache_config.bytes_per_block
+    # Enough for the longest request, far too few for the batch.
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=40 * bytes_per_block)
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
+    assert llm.get_metrics()["num_preemptions"] > 0
+
+
+def test_prefix_cache_hit_computes_only_new_tokens(smollm_path):
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=64 << 20, block_size=16)
+    shared = mixed_prompts(1, 40000, seed=7)[0][:200]
+    first = llm.generate([shared + [500, 501, 502]], GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    second = llm.generate([shared + [600, 601]], GREEDY, use_tqdm=False)[0]
+    # Every full block of the shared prefix comes from the cache: 200 // 16 * 16 tokens.
+    assert second.num_cached_tokens == 192
+    metrics = llm.get_metrics()
+    assert metrics["prefix_cache_hits"] == 192
+    cold = LLM(str(smollm_path), dtype="float32", kv_cache_memory=64 << 20, enable_prefix_caching=False)
+    assert cold.generate([shared + [600, 601]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
+        second.outputs[0].token_ids
