@@ -108,9 +108,11 @@ class FakeRunner:
         self.sample = sample
         self.block_ids: dict[str, tuple[list[int], ...]] = {}
         self.num_computed_tokens: dict[str, int] = {}
+        self.scheduler_outputs: list[SchedulerOutput] = []
 
     def step(self) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
         output = self.scheduler.schedule()
+        self.scheduler_outputs.append(output)
         self.apply(output)
         req_ids, sampled = [], []
         for req_id in output.num_scheduled_tokens:

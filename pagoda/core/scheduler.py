@@ -1,0 +1,306 @@
+"""Core layer: decides each step which requests compute how many tokens, and absorbs the results.
+
+Unified compute model: there are no prefill and decode phases. Every request
+has `num_computed_tokens` chasing `num_tokens`; a step gives each scheduled
+request some tokens out of a shared budget. Running requests go first, in
+order; waiting requests are admitted after them while budget, `max_num_seqs`
+and KV blocks last. When blocks run out, the lowest-priority running request
+is preempted: its blocks are freed and it is recomputed later (the prefix
+cache usually makes that cheap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagoda.config import CacheConfig, SchedulerConfig
+from pagoda.core.block_hash import get_hash_fn, get_request_block_hasher
+from pagoda.core.kv_cache_interface import KVCacheConfig
+from pagoda.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from pagoda.core.model_runner_output import ModelRunnerOutput
+from pagoda.core.outputs import EngineCoreOutput
+from pagoda.core.request import Request, RequestStatus
+from pagoda.core.request_queue import create_request_queue
+from pagoda.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from pagoda.core.stats import PrefixCacheStats, SchedulerStats
+from pagoda.core.stop_check import check_stop
+
+
+@dataclass
+class _StepPlan:
+    """What one `schedule()` call has decided so far."""
+
+    token_budget: int
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    new_reqs: list[Request] = field(default_factory=list)
+    resumed_reqs: list[Request] = field(default_factory=list)
+    running_reqs: list[Request] = field(default_factory=list)
+    new_blocks: dict[str, KVCacheBlocks] = field(default_factory=dict)
+    num_preempted: int = 0
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        self.num_scheduled_tokens[request.request_id] = num_new_tokens
+        self.token_budget -= num_new_tokens
+
+    def drop_running(self, request: Request) -> None:
+        """Undo the scheduling of a running request preempted later in the same pass."""
+        self.token_budget += self.num_scheduled_tokens.pop(request.request_id)
+        self.running_reqs.remove(request)
+        del self.new_blocks[request.request_id]
+
+
+class Scheduler:
+    """Owns every unfinished request and the KV cache manager; driven by EngineCore each step."""
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        kv_cache_config: KVCacheConfig,
+        log_stats: bool = True,
+        enable_kv_cache_events: bool = False,
+    ) -> None:
+        if cache_config.block_size != kv_cache_config.block_size:
+            raise ValueError(
+                f"CacheConfig.block_size ({cache_config.block_size}) differs from the KV cache's "
+                f"block_size ({kv_cache_config.block_size})"
+            )
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.kv_cache_config = kv_cache_config
+        self.log_stats = log_stats
+        self.max_model_len = scheduler_config.max_model_len
+        self.policy = scheduler_config.policy
+
+        self.requests: dict[str, Request] = {}
+        self.waiting = create_request_queue(self.policy)
+        self.running: list[Request] = []
+        # Finished since the previous schedule(): the workers drop their state.
+        self.finished_req_ids: set[str] = set()
+
+        self.kv_cache_manager = KVCacheManager(
+            kv_cache_config,
+            self.max_model_len,
+            enable_caching=cache_config.enable_prefix_caching,
+            log_stats=log_stats,
+            enable_kv_cache_events=enable_kv_cache_events,
+        )
+        self.request_block_hasher = (
+            get_request_block_hasher(cache_config.block_size, get_hash_fn(cache_config.prefix_caching_hash_algo))
+            if cache_config.enable_prefix_caching
+            else None
+        )
+        self.num_preemptions = 0
+        self._prefix_cache_totals = PrefixCacheStats()
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if self.request_block_hasher is not None and not request.has_block_hasher:
+            request.set_block_hasher(self.request_block_hasher)
+        self.waiting.add_request(request)
+        self.requests[request.request_id] = request
+
+    def schedule(self) -> SchedulerOutput:
+        plan = _StepPlan(token_budget=self.scheduler_config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        # Blocks just ran short: admitting newcomers would only preempt again.
+        if plan.num_preempted == 0:
+            self._schedule_waiting(plan)
+        output = self._make_scheduler_output(plan)
+        # Advance now, as if the step had run, so the next schedule() can
+        # already plan the following tokens.
+        for request_id, num_tokens in plan.num_scheduled_tokens.items():
+            self.requests[request_id].num_computed_tokens += num_tokens
+        return output
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        index = 0
+        while index < len(self.running) and plan.token_budget > 0:
+            request = self.running[index]
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
+            if num_new_tokens <= 0:
+                index += 1
+                continue
+            while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new_tokens)) is None:
+                victim_index = self._preempt_lowest_priority(plan)
+                if victim_index == index:
+                    return  # the request itself was preempted; the rest are preferred less
+                if victim_index < index:
+                    index -= 1
+            plan.add(request, num_new_tokens)
+            plan.running_reqs.append(request)
+            plan.new_blocks[request.request_id] = new_blocks
+            index += 1
+
+    def _preempt_lowest_priority(self, plan: _StepPlan) -> int:
+        """Preempt one running request; return the index it had in `self.running`."""
+        if self.policy == "priority":
+            victim_index = max(
+                range(len(self.running)), key=lambda i: (self.running[i].priority, self.running[i].arrival_time)
+            )
+        else:
+            victim_index = len(self.running) - 1  # the latest admitted
+        victim = self.running.pop(victim_index)
+        if victim.request_id in plan.num_scheduled_tokens:
+            plan.drop_running(victim)
+        self.kv_cache_manager.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        plan.num_preempted += 1
+        self.waiting.prepend_request(victim)
+        return victim_index
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        max_num_seqs = self.scheduler_config.max_num_seqs
+        while self.waiting and plan.token_budget > 0 and len(self.running) < max_num_seqs:
+            request = self.waiting.peek_request()
+            computed_blocks, num_computed_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new_tokens = request.num_tokens - num_computed_tokens
+            if num_new_tokens > plan.token_budget:
+                if not self.scheduler_config.enable_chunked_prefill:
+                    break
+                num_new_tokens = plan.token_budget
+            new_blocks = self.kv_cache_manager.allocate_slots(
+                request, num_new_tokens, num_computed_tokens, computed_blocks
+            )
+            if new_blocks is None:
+                break
+            self.waiting.pop_request()
+            self.running.append(request)
+            resumed = request.status == RequestStatus.PREEMPTED
+            (plan.resumed_reqs if resumed else plan.new_reqs).append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed_tokens
+            plan.add(request, num_new_tokens)
+
+    def _make_scheduler_output(self, plan: _StepPlan) -> SchedulerOutput:
+        manager = self.kv_cache_manager
+        new_reqs_data = [
+            NewRequestData(
+                req_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                sampling_params=request.sampling_params,
+                block_ids=manager.get_block_ids(request.request_id),
+                num_computed_tokens=request.num_computed_tokens,
+            )
+            for request in plan.new_reqs
+        ]
+        cached = CachedRequestData()
+        for request in plan.running_reqs:
+            new_blocks = plan.new_blocks[request.request_id]
+            new_block_ids = None if new_blocks.is_empty() else new_blocks.get_block_ids()
+            _add_cached(cached, request, False, new_block_ids)
+        for request in plan.resumed_reqs:
+            # All block ids: they replace the ones the worker had before the preemption.
+            _add_cached(cached, request, True, manager.get_block_ids(request.request_id))
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs_data,
+            scheduled_cached_reqs=cached,
+            num_scheduled_tokens=plan.num_scheduled_tokens,
+            total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
+            finished_req_ids=self.finished_req_ids,
+        )
+        self.finished_req_ids = set()
+        return output
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Append sampled tokens, finish and free requests that stopped, and report per request."""
+        outputs: list[EngineCoreOutput] = []
+        finished_ids: set[str] = set()
+        logprobs = model_runner_output.logprobs
+        for index, request_id in enumerate(model_runner_output.req_ids):
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            new_token_ids = self._append_tokens(request, model_runner_output.sampled_token_ids[index])
+            prompt_logprobs = model_runner_output.prompt_logprobs.get(request_id)
+            finished = request.is_finished()
+            if new_token_ids or finished or prompt_logprobs is not None:
+                outputs.append(
+                    EngineCoreOutput(
+                        request_id=request_id,
+                        new_token_ids=new_token_ids,
+                        new_logprobs=logprobs[index] if logprobs is not None else None,
+                        new_prompt_logprobs=prompt_logprobs,
+                        finish_reason=request.get_finished_reason(),
+                        stop_reason=request.stop_reason,
+                        num_cached_tokens=request.num_cached_tokens,
+                    )
+                )
+            if finished:
+                finished_ids.add(request_id)
+                self._free_request(request)
+        if finished_ids:
+            self.running = [request for request in self.running if request.request_id not in finished_ids]
+        return outputs
+
+    def _append_tokens(self, request: Request, sampled_token_ids: list[int]) -> list[int]:
+        """Append tokens one by one; tokens after a stop are dropped."""
+        new_token_ids: list[int] = []
+        for token_id in sampled_token_ids:
+            request.append_output_token_ids(token_id)
+            new_token_ids.append(token_id)
+            if check_stop(request, self.max_model_len):
+                break
+        return new_token_ids
+
+    def finish_requests(self, request_ids: str | Iterable[str], finished_status: RequestStatus) -> None:
+        """Finish requests from outside the step (abort, error); unknown ids are ignored."""
+        if not RequestStatus.is_finished(finished_status):
+            raise ValueError(f"finished_status must be a FINISHED_* status, got {finished_status.name}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        finished = [self.requests[request_id] for request_id in dict.fromkeys(request_ids) if request_id in self.requests]
+        finished_running = {request.request_id for request in finished if request.status == RequestStatus.RUNNING}
+        self.running = [request for request in self.running if request.request_id not in finished_running]
+        self.waiting.remove_requests(request for request in finished if request.request_id not in finished_running)
+        for request in finished:
+            request.status = finished_status
+            self._free_request(request)
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.get_num_unfinished_requests() > 0
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache; False while any request holds blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def make_stats(self) -> SchedulerStats:
+        interval = self.kv_cache_manager.make_prefix_cache_stats()
+        if interval is not None:
+            self._prefix_cache_totals += interval
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            num_free_blocks=self.kv_cache_manager.get_num_free_blocks(),
+            num_blocks=self.kv_cache_config.num_blocks,
+            prefix_cache_queries=self._prefix_cache_totals.queries,
+            prefix_cache_hits=self._prefix_cache_totals.hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+
+def _add_cached(
+    cached: CachedRequestData, request: Request, resumed: bool, new_block_ids: tuple[list[int], ...] | None
+) -> None:
+    cached.req_ids.append(request.request_id)
+    cached.resumed_from_preemption.append(resumed)
+    cached.new_block_ids.append(new_block_ids)
+    cached.num_computed_tokens.append(request.num_computed_tokens)
