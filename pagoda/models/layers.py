@@ -1,0 +1,196 @@
+"""Models layer: the building blocks shared by the decoder models (norms, rotary, fused projections).
+
+Projections that read the same input are fused into one matmul (`qkv_proj`,
+`gate_up_proj`); `PACKED_MODULES_MAPPING` tells the loader which checkpoint
+tensor fills which rows of the fused weight.
+
+Modules holding values derived from the config rather than the checkpoint
+(the rotary cos/sin table) define `init_buffers(device, dtype)`. The loader
+builds models on the meta device and calls it once the weights are in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
+
+# Checkpoint projection name -> (fused module name, shard index within it).
+PACKED_MODULES_MAPPING: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale by w."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x * (1 + w), all in float32 before the cast back (the stored w is centred on 0)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, rope_parameters: dict, device: torch.device | None = None) -> Tensor:
+    """float32 inverse frequencies for one rope configuration ("default", "linear" or "llama3" scaling)."""
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    base = float(rope_parameters["rope_theta"])
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(rope_parameters["factor"])
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope_parameters)
+    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+
+
+def _llama3_inv_freq(inv_freq: Tensor, params: dict) -> Tensor:
+    # Llama 3.1 keeps high frequencies, divides low ones by `factor`, and blends
+    # linearly between the two wavelength thresholds.
+    factor = float(params["factor"])
+    old_context = float(params["original_max_position_embeddings"])
+    low_wavelen = old_context / float(params["low_freq_factor"])
+    high_wavelen = old_context / float(params["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    blend = (old_context / wavelen - params["low_freq_factor"]) / (params["high_freq_factor"] - params["low_freq_factor"])
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    in_between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(in_between, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding with a cos|sin table for every position up to `max_position`."""
+
+    def __init__(self, head_dim: int, max_position: int, rope_parameters: dict) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.rope_parameters = rope_parameters
+        self.init_buffers(None, torch.get_default_dtype())
+
+    def init_buffers(self, device: torch.device | None, dtype: torch.dtype) -> None:
+        # Angles in float32 as the reference does, then one cast to the activation dtype.
+        positions = torch.arange(self.max_position, dtype=torch.float32, device=device)
+        freqs = positions[:, None] * rope_inv_freq(self.head_dim, self.rope_parameters, device)[None, :]
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin for each position, each [T, 1, head_dim // 2] (broadcast over heads)."""
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return cos, sin
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate [T, heads, head_dim] pairs (i, i + head_dim/2), as Hugging Face's rotate_half does."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class MergedLinear(nn.Linear):
+    """Several bias-free projections of one input stored as one weight, shard i in rows `shard_rows(i)`."""
+
+    def __init__(self, input_size: int, output_sizes: tuple[int, ...]) -> None:
+        super().__init__(input_size, sum(output_sizes), bias=False)
+        self.output_sizes = output_sizes
+
+    def shard_rows(self, index: int) -> slice:
+        start = sum(self.output_sizes[:index])
+        return slice(start, start + self.output_sizes[index])
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up in one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, (intermediate_size, intermediate_size))
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = get_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class Attention(nn.Module):
+    """Fused QKV projection, optional per-head QK-norm, rotary, then the worker's attention context."""
+
+    def __init__(
+        self,
+        layer_index: int,
+        hidden_size: int,
+        spec: AttentionLayerSpec,
+        qk_norm: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.spec = spec
+        q_size = spec.num_heads * spec.head_dim
+        kv_size = spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = MergedLinear(hidden_size, (q_size, kv_size, kv_size))
+        self.o_proj = nn.Linear(q_size, hidden_size, bias=False)
+        self.q_norm = qk_norm(spec.head_dim) if qk_norm else None
+        self.k_norm = qk_norm(spec.head_dim) if qk_norm else None
+
+    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes, dim=-1)
+        q = q.view(num_tokens, self.spec.num_heads, self.spec.head_dim)
+        k = k.view(num_tokens, self.spec.num_kv_heads, self.spec.head_dim)
+        v = v.view(num_tokens, self.spec.num_kv_heads, self.spec.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention.forward(self.layer_index, q, k, v)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+def compute_logits(hidden: Tensor, lm_head_weight: Tensor, softcap: float | None) -> Tensor:
+    """float32 logits [N, vocab]; the projection runs in the weights' dtype, the softcap in float32."""
+    logits = F.linear(hidden, lm_head_weight).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

@@ -1,0 +1,89 @@
+"""Models layer: the Llama family decoder (Llama 2/3, SmolLM2, ...) over a flat batch of tokens."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
+from pagoda.models.layers import (
+    PACKED_MODULES_MAPPING,
+    Attention,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    compute_logits,
+)
+
+
+def llama_rope_parameters(config: dict) -> dict:
+    """The rope settings, from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older)."""
+    if config.get("rope_parameters"):
+        return config["rope_parameters"]
+    return {"rope_type": "default", **(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: dict, layer_index: int, spec: AttentionLayerSpec) -> None:
+        super().__init__()
+        hidden_size, eps = config["hidden_size"], config["rms_norm_eps"]
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.self_attn = Attention(layer_index, hidden_size, spec)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = GatedMLP(hidden_size, config["intermediate_size"], config.get("hidden_act", "silu"))
+
+    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: dict, specs: list[AttentionLayerSpec]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config["vocab_size"], config["hidden_size"])
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, spec) for i, spec in enumerate(specs))
+        self.norm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
+        self.rotary_emb = RotaryEmbedding(
+            specs[0].head_dim, config["max_position_embeddings"], llama_rope_parameters(config)
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, attention)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama decoder; `forward` returns final hidden states, `compute_logits` the float32 logits."""
+
+    packed_modules_mapping = PACKED_MODULES_MAPPING
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        num_heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
+        spec = AttentionLayerSpec(
+            num_heads=num_heads,
+            num_kv_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            scale=head_dim**-0.5,
+        )
+        self.specs = [spec] * config["num_hidden_layers"]
+        self.model = LlamaModel(config, self.specs)
+        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        # A tied checkpoint may still carry a copy of the embedding as lm_head.
+        self.ignored_weights = frozenset({"lm_head.weight"} if self.tie_word_embeddings else ())
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
+        """input_ids and positions [T] -> hidden states [T, hidden_size]."""
+        return self.model(input_ids, positions, attention)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return compute_logits(hidden, weight, None)
+
+    def attention_layer_specs(self) -> list[AttentionLayerSpec]:
+        return list(self.specs)

@@ -1,0 +1,131 @@
+"""Models layer: builds a model from a Hugging Face-style folder (config.json + safetensors).
+
+The model is built on the meta device, so nothing is allocated or initialised
+twice. Each checkpoint tensor is then read on its own (`safe_open`), cast, and
+either adopted as the parameter (plain weights, no copy) or copied into its
+rows of a fused weight (`packed_modules_mapping`). Derived buffers (rotary
+tables) are built last on the target device. Every parameter must be filled
+by exactly the checkpoint's tensors: a missing or unexpected name is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagoda.models.layers import MergedLinear
+from pagoda.models.registry import architecture_of, get_model_class
+
+_INDEX_FILE = "model.safetensors.index.json"
+# Buffers older checkpoints saved although they derive from the config.
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_hf_config(folder: Path) -> dict:
+    """config.json of a model folder as a dict."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return config
+
+
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model described by `folder`, weights cast to `dtype` on `device`, in eval mode."""
+    folder = Path(folder)
+    config = load_hf_config(folder)
+    model_class = get_model_class(architecture_of(config))
+    with torch.device("meta"):
+        model = model_class(config)
+    load_weights(model, weight_files(folder), dtype, torch.device(device))
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(torch.device(device), dtype)
+    return model.eval()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder, from its shard index when there is one."""
+    index = folder / _INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def load_weights(model: nn.Module, files: Iterable[Path], dtype: torch.dtype, device: torch.device) -> None:
+    """Fill every parameter of a meta-device `model` from `files`."""
+    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules_mapping", {})
+    ignored: frozenset[str] = getattr(model, "ignored_weights", frozenset())
+    expected = _expected_pieces(model)
+    loaded: set[tuple[str, int | None]] = set()
+    for file in files:
+        with safe_open(file, framework="pt") as checkpoint:
+            for name in checkpoint.keys():
+                if name in ignored or name.endswith(_DERIVED_SUFFIXES):
+                    continue
+                piece = _target(name, packed)
+                if piece not in expected:
+                    raise ValueError(f"{file.name}: unexpected weight {name!r} for {type(model).__name__}")
+                tensor = checkpoint.get_tensor(name).to(device=device, dtype=dtype)
+                _place(model, *piece, tensor, name)
+                loaded.add(piece)
+    missing = sorted(f"{target}[{shard}]" if shard is not None else target for target, shard in expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing weights for {type(model).__name__}: {shown}")
+
+
+def _expected_pieces(model: nn.Module) -> set[tuple[str, int | None]]:
+    """(parameter name, shard index or None) for every piece the checkpoint must provide."""
+    pieces: set[tuple[str, int | None]] = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, MergedLinear) and param_name == "weight":
+                pieces.update((full_name, shard) for shard in range(len(module.output_sizes)))
+            else:
+                pieces.add((full_name, None))
+    return pieces
+
+
+def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+    """Where a checkpoint tensor goes: `...q_proj.weight` -> (`...qkv_proj.weight`, 0)."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in packed:
+        fused, shard = packed[parts[-2]]
+        return ".".join([*parts[:-2], fused, parts[-1]]), shard
+    return name, None
+
+
+def _place(model: nn.Module, target: str, shard: int | None, tensor: torch.Tensor, source: str) -> None:
+    module_name, _, param_name = target.rpartition(".")
+    module = model.get_submodule(module_name)
+    current: nn.Parameter = getattr(module, param_name)
+    if shard is None:
+        if tensor.shape != current.shape:
+            raise ValueError(f"weight {source!r} has shape {tuple(tensor.shape)}, expected {tuple(current.shape)}")
+        setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
+        return
+    rows = module.shard_rows(shard)
+    expected_shape = (rows.stop - rows.start, *current.shape[1:])
+    if tensor.shape != expected_shape:
+        raise ValueError(f"weight {source!r} has shape {tuple(tensor.shape)}, expected {expected_shape}")
+    if current.is_meta:
+        current = nn.Parameter(torch.empty(current.shape, dtype=tensor.dtype, device=tensor.device), requires_grad=False)
+        setattr(module, param_name, current)
+    current.data[rows].copy_(tensor)
