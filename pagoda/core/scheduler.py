@@ -12,42 +12,19 @@ cache usually makes that cheap).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.core.block_hash import get_hash_fn, get_request_block_hasher
 from pagoda.core.kv_cache_interface import KVCacheConfig
-from pagoda.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.outputs import EngineCoreOutput
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.request_queue import create_request_queue
-from pagoda.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from pagoda.core.schedule_plan import SchedulePlan
+from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.core.stats import PrefixCacheStats, SchedulerStats
 from pagoda.core.stop_check import check_stop
-
-
-@dataclass
-class _StepPlan:
-    """What one `schedule()` call has decided so far."""
-
-    token_budget: int
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    new_reqs: list[Request] = field(default_factory=list)
-    resumed_reqs: list[Request] = field(default_factory=list)
-    running_reqs: list[Request] = field(default_factory=list)
-    new_blocks: dict[str, KVCacheBlocks] = field(default_factory=dict)
-    num_preempted: int = 0
-
-    def add(self, request: Request, num_new_tokens: int) -> None:
-        self.num_scheduled_tokens[request.request_id] = num_new_tokens
-        self.token_budget -= num_new_tokens
-
-    def drop_running(self, request: Request) -> None:
-        """Undo the scheduling of a running request preempted later in the same pass."""
-        self.token_budget += self.num_scheduled_tokens.pop(request.request_id)
-        self.running_reqs.remove(request)
-        del self.new_blocks[request.request_id]
 
 
 class Scheduler:
@@ -103,19 +80,20 @@ class Scheduler:
         self.requests[request.request_id] = request
 
     def schedule(self) -> SchedulerOutput:
-        plan = _StepPlan(token_budget=self.scheduler_config.max_num_batched_tokens)
+        plan = SchedulePlan(token_budget=self.scheduler_config.max_num_batched_tokens)
         self._schedule_running(plan)
         # Blocks just ran short: admitting newcomers would only preempt again.
         if plan.num_preempted == 0:
             self._schedule_waiting(plan)
-        output = self._make_scheduler_output(plan)
+        output = plan.make_scheduler_output(self.kv_cache_manager, self.finished_req_ids)
+        self.finished_req_ids = set()
         # Advance now, as if the step had run, so the next schedule() can
         # already plan the following tokens.
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
             self.requests[request_id].num_computed_tokens += num_tokens
         return output
 
-    def _schedule_running(self, plan: _StepPlan) -> None:
+    def _schedule_running(self, plan: SchedulePlan) -> None:
         index = 0
         while index < len(self.running) and plan.token_budget > 0:
             request = self.running[index]
@@ -126,15 +104,13 @@ class Scheduler:
             while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new_tokens)) is None:
                 victim_index = self._preempt_lowest_priority(plan)
                 if victim_index == index:
-                    return  # the request itself was preempted; the rest are preferred less
+                    return  # the request itself had to go: blocks are exhausted for this step
                 if victim_index < index:
                     index -= 1
-            plan.add(request, num_new_tokens)
-            plan.running_reqs.append(request)
-            plan.new_blocks[request.request_id] = new_blocks
+            plan.add_running(request, num_new_tokens, new_blocks)
             index += 1
 
-    def _preempt_lowest_priority(self, plan: _StepPlan) -> int:
+    def _preempt_lowest_priority(self, plan: SchedulePlan) -> int:
         """Preempt one running request; return the index it had in `self.running`."""
         if self.policy == "priority":
             victim_index = max(
@@ -154,7 +130,7 @@ class Scheduler:
         self.waiting.prepend_request(victim)
         return victim_index
 
-    def _schedule_waiting(self, plan: _StepPlan) -> None:
+    def _schedule_waiting(self, plan: SchedulePlan) -> None:
         max_num_seqs = self.scheduler_config.max_num_seqs
         while self.waiting and plan.token_budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting.peek_request()
@@ -171,55 +147,31 @@ class Scheduler:
                 break
             self.waiting.pop_request()
             self.running.append(request)
-            resumed = request.status == RequestStatus.PREEMPTED
-            (plan.resumed_reqs if resumed else plan.new_reqs).append(request)
+            plan.add_admitted(request, num_new_tokens, resumed=request.status == RequestStatus.PREEMPTED)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_computed_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
-            plan.add(request, num_new_tokens)
-
-    def _make_scheduler_output(self, plan: _StepPlan) -> SchedulerOutput:
-        manager = self.kv_cache_manager
-        new_reqs_data = [
-            NewRequestData(
-                req_id=request.request_id,
-                prompt_token_ids=request.prompt_token_ids,
-                sampling_params=request.sampling_params,
-                block_ids=manager.get_block_ids(request.request_id),
-                num_computed_tokens=request.num_computed_tokens,
-            )
-            for request in plan.new_reqs
-        ]
-        cached = CachedRequestData()
-        for request in plan.running_reqs:
-            new_blocks = plan.new_blocks[request.request_id]
-            new_block_ids = None if new_blocks.is_empty() else new_blocks.get_block_ids()
-            _add_cached(cached, request, False, new_block_ids)
-        for request in plan.resumed_reqs:
-            # All block ids: they replace the ones the worker had before the preemption.
-            _add_cached(cached, request, True, manager.get_block_ids(request.request_id))
-        output = SchedulerOutput(
-            scheduled_new_reqs=new_reqs_data,
-            scheduled_cached_reqs=cached,
-            num_scheduled_tokens=plan.num_scheduled_tokens,
-            total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
-            finished_req_ids=self.finished_req_ids,
-        )
-        self.finished_req_ids = set()
-        return output
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Append sampled tokens, finish and free requests that stopped, and report per request."""
+        """Append sampled tokens, finish and free requests that stopped, and report per request.
+
+        Only requests that `scheduler_output` scheduled and that are still
+        running take tokens: one aborted while the step ran is skipped.
+        """
         outputs: list[EngineCoreOutput] = []
         finished_ids: set[str] = set()
         logprobs = model_runner_output.logprobs
         for index, request_id in enumerate(model_runner_output.req_ids):
             request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if (
+                request is None
+                or request.status != RequestStatus.RUNNING
+                or request_id not in scheduler_output.num_scheduled_tokens
+            ):
+                continue
             new_token_ids = self._append_tokens(request, model_runner_output.sampled_token_ids[index])
             prompt_logprobs = model_runner_output.prompt_logprobs.get(request_id)
             finished = request.is_finished()
@@ -296,11 +248,3 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
         )
 
-
-def _add_cached(
-    cached: CachedRequestData, request: Request, resumed: bool, new_block_ids: tuple[list[int], ...] | None
-) -> None:
-    cached.req_ids.append(request.request_id)
-    cached.resumed_from_preemption.append(resumed)
-    cached.new_block_ids.append(new_block_ids)
-    cached.num_computed_tokens.append(request.num_computed_tokens)
