@@ -55,7 +55,9 @@ class KVCacheCoordinator:
             for manager, blocks in zip(self.single_type_managers, new_computed_blocks)
         )
 
-    def save_new_computed_blocks(self, request_id: str, new_computed_blocks: tuple[Sequence[KVCacheBlock], ...]) -> None:
+    def save_new_computed_blocks(
+        self, request_id: str, new_computed_blocks: tuple[Sequence[KVCacheBlock], ...]
+    ) -> None:
         for manager, blocks in zip(self.single_type_managers, new_computed_blocks):
             manager.save_new_computed_blocks(request_id, blocks)
 

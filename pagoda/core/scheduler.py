@@ -210,7 +210,8 @@ class Scheduler:
             raise ValueError(f"finished_status must be a FINISHED_* status, got {finished_status.name}")
         if isinstance(request_ids, str):
             request_ids = (request_ids,)
-        finished = [self.requests[request_id] for request_id in dict.fromkeys(request_ids) if request_id in self.requests]
+        known_ids = [request_id for request_id in dict.fromkeys(request_ids) if request_id in self.requests]
+        finished = [self.requests[request_id] for request_id in known_ids]
         finished_running = {request.request_id for request in finished if request.status == RequestStatus.RUNNING}
         self.running = [request for request in self.running if request.request_id not in finished_running]
         self.waiting.remove_requests(request for request in finished if request.request_id not in finished_running)

@@ -57,7 +57,9 @@ def sliding_spec(block_size: int = 4, sliding_window: int = 8) -> SlidingWindowS
     )
 
 
-def make_kv_cache_config(num_blocks: int, block_size: int = 4, sliding_windows: tuple[int, ...] = ()) -> KVCacheConfig:
+def make_kv_cache_config(
+    num_blocks: int, block_size: int = 4, sliding_windows: tuple[int, ...] = ()
+) -> KVCacheConfig:
     """One full-attention group, then one sliding-window group per entry of `sliding_windows`."""
     groups = [KVCacheGroupSpec((0,), full_spec(block_size))]
     for index, window in enumerate(sliding_windows, start=1):

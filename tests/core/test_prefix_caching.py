@@ -15,7 +15,8 @@ from pagoda.core.request import Request
 
 
 def make_manager(num_blocks: int = 11, enable_caching: bool = True, **kwargs: bool) -> KVCacheManager:
-    return KVCacheManager(make_kv_cache_config(num_blocks), max_model_len=1024, enable_caching=enable_caching, **kwargs)
+    config = make_kv_cache_config(num_blocks)
+    return KVCacheManager(config, max_model_len=1024, enable_caching=enable_caching, **kwargs)
 
 
 def admit(manager: KVCacheManager, request: Request, num_new_tokens: int | None = None) -> list[int]:

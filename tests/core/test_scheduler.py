@@ -229,7 +229,8 @@ def test_duplicate_request_id_is_rejected() -> None:
 
 def test_priority_policy_admits_by_priority_then_arrival() -> None:
     scheduler = make_scheduler(policy="priority", max_num_seqs=1)
-    for request_id, priority, arrival in [("late-low", 5, 1.0), ("high", 0, 3.0), ("early-low", 5, 0.5), ("mid", 2, 2.0)]:
+    arrivals = [("late-low", 5, 1.0), ("high", 0, 3.0), ("early-low", 5, 0.5), ("mid", 2, 2.0)]
+    for request_id, priority, arrival in arrivals:
         add(scheduler, request_id, 4, priority=priority, arrival_time=arrival, max_tokens=1)
     assert [r.request_id for r in scheduler.waiting] == ["high", "mid", "early-low", "late-low"]
     order = []
@@ -294,7 +295,8 @@ def test_worker_mirror_stays_in_sync() -> None:
     while scheduler.has_unfinished_requests():
         runner.step()
         for request in scheduler.running:
-            assert runner.block_ids[request.request_id] == scheduler.kv_cache_manager.get_block_ids(request.request_id)
+            scheduler_view = scheduler.kv_cache_manager.get_block_ids(request.request_id)
+            assert runner.block_ids[request.request_id] == scheduler_view
 
 
 def test_logprobs_are_passed_through() -> None:

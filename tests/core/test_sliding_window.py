@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from core_helpers import cache_block, free_queue_ids, make_request, sliding_spec
+from core_helpers import cache_block, free_queue_ids, full_spec, make_request, sliding_spec
 
 from pagoda.core.block_hash import make_block_hash_with_group_id
 from pagoda.core.block_pool import BlockPool
@@ -77,8 +77,8 @@ def test_a_long_request_holds_about_a_window_of_blocks() -> None:
 
 def gemma_like_layers(window: int, block_size: int = 4) -> list[FullAttentionSpec]:
     """18 layers, every sixth full attention, the rest sliding window (Gemma 3's pattern)."""
-    full = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=8, dtype_size=2)
-    sliding = SlidingWindowSpec(block_size=block_size, num_kv_heads=1, head_size=8, dtype_size=2, sliding_window=window)
+    full = full_spec(block_size)
+    sliding = sliding_spec(block_size, window)
     return [full if (layer + 1) % 6 == 0 else sliding for layer in range(18)]
 
 
@@ -86,7 +86,8 @@ def hybrid_manager(num_blocks: int = 200) -> KVCacheManager:
     layers = gemma_like_layers(window=8)
     config = make_kv_cache_config(layers, memory_bytes=num_blocks * 3 * layers[0].page_size_bytes)
     assert config.num_blocks == num_blocks and len(config.groups) == 6
-    assert isinstance(config.groups[1].spec, SlidingWindowSpec) and not isinstance(config.groups[0].spec, SlidingWindowSpec)
+    assert type(config.groups[0].spec) is FullAttentionSpec
+    assert all(isinstance(group.spec, SlidingWindowSpec) for group in config.groups[1:])
     return KVCacheManager(config, max_model_len=10_000)
 
 
@@ -133,9 +134,7 @@ def test_hybrid_hit_shrinks_to_a_fixed_point() -> None:
 def test_hybrid_fixed_point_with_two_windows() -> None:
     """A shorter hit for one window may be invalid for another; the lookup must iterate."""
     block_size = 2
-    full = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=8, dtype_size=2)
-    small = SlidingWindowSpec(block_size=block_size, num_kv_heads=1, head_size=8, dtype_size=2, sliding_window=3)
-    large = SlidingWindowSpec(block_size=block_size, num_kv_heads=1, head_size=8, dtype_size=2, sliding_window=5)
+    full, small, large = full_spec(block_size), sliding_spec(block_size, 3), sliding_spec(block_size, 5)
     config = make_kv_cache_config([full, small, large], memory_bytes=100 * full.page_size_bytes)
     manager = KVCacheManager(config, max_model_len=1000)
     request = make_request("a", list(range(20)), block_size=block_size)
