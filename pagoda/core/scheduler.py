@@ -72,8 +72,14 @@ class Scheduler:
         self._prefix_cache_totals = PrefixCacheStats()
 
     def add_request(self, request: Request) -> None:
+        """Queue a request; its prompt must fit max_model_len, since slots are capped there."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if not 0 < request.num_prompt_tokens <= self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt_token_ids has {request.num_prompt_tokens} tokens, "
+                f"expected 1 to max_model_len ({self.max_model_len})"
+            )
         if self.request_block_hasher is not None and not request.has_block_hasher:
             request.set_block_hasher(self.request_block_hasher)
         self.waiting.add_request(request)

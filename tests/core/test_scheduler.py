@@ -225,6 +225,16 @@ def test_duplicate_request_id_is_rejected() -> None:
     add(scheduler, "dup", 4)
     with pytest.raises(ValueError, match="'dup'"):
         add(scheduler, "dup", 5)
+    assert scheduler.get_num_unfinished_requests() == 1
+
+
+@pytest.mark.parametrize("prompt_len", [0, 257])
+def test_prompt_must_fit_max_model_len(prompt_len: int) -> None:
+    scheduler = make_scheduler(max_model_len=256)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        add(scheduler, "r", prompt_len)
+    add(scheduler, "ok", 256)  # a full-length prompt gets exactly one token
+    assert FakeRunner(scheduler).run() == {"ok": [next_token(list(range(2, 258)))]}
 
 
 def test_priority_policy_admits_by_priority_then_arrival() -> None:
