@@ -171,6 +171,7 @@ class BlockPool:
         Blocks before `num_cached_blocks` were cached earlier; the hashes come
         from `request.block_hashes`, which covers every full block.
         """
+        assert self.enable_caching, "caching blocks while prefix caching is off"
         if num_cached_blocks >= num_full_blocks:
             return
         assert len(request.block_hashes) >= num_full_blocks, "block hashes lag behind the tokens"
