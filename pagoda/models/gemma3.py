@@ -88,7 +88,8 @@ class Gemma3TextModel(nn.Module):
 
     def init_buffers(self, device: torch.device | None, dtype: torch.dtype) -> None:
         # A 0-d tensor in the activation dtype: the reference rounds sqrt(hidden_size) to it before multiplying.
-        self.register_buffer("embed_scale", torch.tensor(self.hidden_size**0.5, dtype=dtype, device=device), persistent=False)
+        scale = torch.tensor(self.hidden_size**0.5, dtype=dtype, device=device)
+        self.register_buffer("embed_scale", scale, persistent=False)
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
         hidden = self.embed_tokens(input_ids) * self.embed_scale
@@ -124,7 +125,9 @@ class Gemma3ForCausalLM(nn.Module):
         self.model = Gemma3TextModel(config, self.specs, layer_types)
         self.final_logit_softcapping = config.get("final_logit_softcapping")
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", True))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        self.lm_head = (
+            None if self.tie_word_embeddings else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        )
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
         self.ignored_weights = frozenset({"lm_head.weight"} if self.tie_word_embeddings else ())
 

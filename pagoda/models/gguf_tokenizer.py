@@ -56,7 +56,8 @@ def _set_post_processor(path: Path, metadata: dict[str, Any], add_bos: bool, add
         suffix = [(_token(tokenizer, eos_id, "eos"), eos_id)]
     single = [t for t, _ in prefix] + ["$A:0"] + [t for t, _ in suffix]
     pair = single + [t for t, _ in prefix] + ["$B:1"] + [t for t, _ in suffix]
-    tokenizer.post_processor = TemplateProcessing(single=single, pair=pair, special_tokens=list(dict(prefix + suffix).items()))
+    special_tokens = list(dict(prefix + suffix).items())
+    tokenizer.post_processor = TemplateProcessing(single=single, pair=pair, special_tokens=special_tokens)
     tokenizer.save(str(path))
 
 

@@ -51,7 +51,8 @@ class AttentionContext(Protocol):
     rotated. The context stores the new keys and values, attends each query to
     the visible keys of its own sequence (earlier steps included) following the
     layer's `AttentionLayerSpec`, and returns [T, num_heads, head_dim] in the
-    query's dtype.
+    query's dtype. The inputs may be non-contiguous views of the fused QKV
+    projection; copy them if storage needs contiguity.
     """
 
     def forward(self, layer_index: int, query: Tensor, key: Tensor, value: Tensor) -> Tensor: ...

@@ -90,10 +90,10 @@ def _llama3_inv_freq(inv_freq: Tensor, params: dict) -> Tensor:
     # linearly between the two wavelength thresholds.
     factor = float(params["factor"])
     old_context = float(params["original_max_position_embeddings"])
-    low_wavelen = old_context / float(params["low_freq_factor"])
-    high_wavelen = old_context / float(params["high_freq_factor"])
+    low_factor, high_factor = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    low_wavelen, high_wavelen = old_context / low_factor, old_context / high_factor
     wavelen = 2 * math.pi / inv_freq
-    blend = (old_context / wavelen - params["low_freq_factor"]) / (params["high_freq_factor"] - params["low_freq_factor"])
+    blend = (old_context / wavelen - low_factor) / (high_factor - low_factor)
     blended = (1 - blend) * inv_freq / factor + blend * inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
     in_between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)

@@ -19,7 +19,8 @@ def llama_rope_parameters(config: dict) -> dict:
     """The rope settings, from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older)."""
     if config.get("rope_parameters"):
         return config["rope_parameters"]
-    return {"rope_type": "default", **(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
+    scaling = config.get("rope_scaling") or {}
+    return {"rope_type": "default", **scaling, "rope_theta": config.get("rope_theta", 10000.0)}
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -72,7 +73,9 @@ class LlamaForCausalLM(nn.Module):
         self.specs = [spec] * config["num_hidden_layers"]
         self.model = LlamaModel(config, self.specs)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        self.lm_head = (
+            None if self.tie_word_embeddings else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        )
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
         self.ignored_weights = frozenset({"lm_head.weight"} if self.tie_word_embeddings else ())
 

@@ -126,6 +126,7 @@ def _place(model: nn.Module, target: str, shard: int | None, tensor: torch.Tenso
     if tensor.shape != expected_shape:
         raise ValueError(f"weight {source!r} has shape {tuple(tensor.shape)}, expected {expected_shape}")
     if current.is_meta:
-        current = nn.Parameter(torch.empty(current.shape, dtype=tensor.dtype, device=tensor.device), requires_grad=False)
+        storage = torch.empty(current.shape, dtype=tensor.dtype, device=tensor.device)
+        current = nn.Parameter(storage, requires_grad=False)
         setattr(module, param_name, current)
     current.data[rows].copy_(tensor)
