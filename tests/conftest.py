@@ -41,7 +41,7 @@ def gemma_llm(gemma_path: Path):
 def smollm_llm(smollm_path: Path):
     from pagoda import LLM
 
-    return LLM(str(smollm_path), dtype="float32", kv_cache_memory=TEST_KV_BYTES)
+    return LLM(str(smollm_path), dtype="float32", kv_cache_memory=TEST_KV_BYTES, max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

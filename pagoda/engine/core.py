@@ -21,14 +21,18 @@ from pagoda.worker.executor import Executor, UniProcExecutor
 logger = logging.getLogger(__name__)
 
 
-def _blocks_per_request(kv_cache_config: KVCacheConfig, num_tokens: int) -> int:
-    """Blocks one request of `num_tokens` holds at its peak, over all groups."""
+def _blocks_per_request(kv_cache_config: KVCacheConfig, num_tokens: int, max_chunk_tokens: int) -> int:
+    """Blocks one request of `num_tokens` holds at its peak, over all groups.
+
+    A sliding-window group holds the window plus the chunk being computed.
+    """
     total = 0
     for group in kv_cache_config.groups:
         spec = group.spec
         blocks = -(-num_tokens // spec.block_size)
         if isinstance(spec, SlidingWindowSpec):
-            blocks = min(blocks, -(-(spec.sliding_window - 1) // spec.block_size) + 1)
+            window = -(-(spec.sliding_window - 1) // spec.block_size) + 1
+            blocks = min(blocks, window + -(-max_chunk_tokens // spec.block_size))
         total += blocks
     return total
 
@@ -46,7 +50,14 @@ class EngineCore:
         self.kv_cache_config = kv_cache_config
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_config)
         max_len = config.scheduler_config.max_model_len
-        concurrency = (kv_cache_config.num_blocks - 1) / _blocks_per_request(kv_cache_config, max_len)
+        blocks_needed = _blocks_per_request(kv_cache_config, max_len, config.scheduler_config.max_num_batched_tokens)
+        if blocks_needed > kv_cache_config.num_blocks - 1:
+            # Such a request could never be scheduled; refuse now rather than hang later.
+            raise ValueError(
+                f"the KV cache holds {kv_cache_config.num_blocks - 1} blocks but one request of "
+                f"max_model_len={max_len} tokens needs {blocks_needed}: raise kv_cache_memory or lower max_model_len"
+            )
+        concurrency = (kv_cache_config.num_blocks - 1) / blocks_needed
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), %d groups; max concurrency at %d tokens: %.2fx; "
             "engine ready in %.1f s",

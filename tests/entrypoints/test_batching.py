@@ -39,21 +39,22 @@ def test_batch_of_32_equals_each_prompt_alone(smollm_llm, prompts, alone):
 
 
 def test_chunked_prefill_with_a_small_token_budget(smollm_path, prompts, alone):
-    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=256 << 20, max_num_batched_tokens=64)
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=256 << 20, max_num_batched_tokens=64,
+              max_model_len=1024)
     assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
 
 
 def test_preemption_with_too_few_blocks_gives_identical_tokens(smollm_llm, smollm_path, prompts, alone):
     bytes_per_block = smollm_llm.llm_engine.engine_core.engine_core.kv_cache_config.bytes_per_block
     # Enough for the longest request, far too few for the batch.
-    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=40 * bytes_per_block)
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=40 * bytes_per_block, max_model_len=320)
     assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
     assert llm.get_metrics()["num_preemptions"] > 0
 
 
 def test_prefix_cache_hit_computes_only_new_tokens(smollm_path):
-    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=64 << 20, block_size=16)
-    shared = mixed_prompts(1, 40000, seed=7)[0][:200]
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=64 << 20, block_size=16, max_model_len=1024)
+    shared = [1] + [random.Random(7).randrange(100, 40000) for _ in range(199)]
     first = llm.generate([shared + [500, 501, 502]], GREEDY, use_tqdm=False)[0]
     assert first.num_cached_tokens == 0
     second = llm.generate([shared + [600, 601]], GREEDY, use_tqdm=False)[0]
@@ -61,6 +62,7 @@ def test_prefix_cache_hit_computes_only_new_tokens(smollm_path):
     assert second.num_cached_tokens == 192
     metrics = llm.get_metrics()
     assert metrics["prefix_cache_hits"] == 192
-    cold = LLM(str(smollm_path), dtype="float32", kv_cache_memory=64 << 20, enable_prefix_caching=False)
+    cold = LLM(str(smollm_path), dtype="float32", kv_cache_memory=64 << 20, enable_prefix_caching=False,
+              max_model_len=1024)
     assert cold.generate([shared + [600, 601]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
         second.outputs[0].token_ids
