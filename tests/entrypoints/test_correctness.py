@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 def hf_greedy(model, token_ids: list[int], num_new: int) -> tuple[list[int], torch.Tensor]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([token_ids]), max_new_tokens=num_new, min_new_tokens=num_new,
+        # No eos: like ignore_eos, the end token may be chosen and generation goes on (min_new_tokens would
+        # instead forbid it).
+        out = model.generate(torch.tensor([token_ids]), max_new_tokens=num_new, eos_token_id=None, pad_token_id=0,
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(token_ids):].tolist()
     logprobs = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)
