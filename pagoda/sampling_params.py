@@ -45,6 +45,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # OpenAI semantics: token id -> value added to that token's logit before sampling.
+    logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -76,6 +78,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             "prompt_logprobs",
             f"must be non-negative, got {self.prompt_logprobs}",
         )
+        if self.logit_bias is not None:
+            _check(all(t >= 0 for t in self.logit_bias), "logit_bias", "keys must be non-negative token ids")
+            _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
+                   "values must be in [-100, 100]")
 
     @property
     def is_greedy(self) -> bool:

@@ -79,6 +79,9 @@ class InputProcessor:
         bad = [t for t in params.stop_token_ids if t >= vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        bad = [t for t in params.logit_bias or () if t >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: {bad[0]} is outside the vocabulary [0, {vocab_size})")
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(params, field)
             if value is not None and value > MAX_LOGPROBS:

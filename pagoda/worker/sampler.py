@@ -1,8 +1,8 @@
 """Worker layer: picks the next token for every sampling row of the batch at once.
 
-Order of operations (as in vLLM): logprobs from the raw logits, then
-penalties, then greedy or temperature → min-p → top-k → top-p → a draw by the
-exponential race `argmax(p / Exp(1))`, which needs no sort and no host sync.
+Order of operations (as in vLLM): logprobs from the raw logits, then logit
+bias, then penalties, then greedy or temperature → min-p → top-k → top-p → a
+draw by the exponential race `argmax(p / Exp(1))`, which needs no sort and no host sync.
 Rows with a `seed` draw their noise from their own generator, so their text
 does not depend on what else is in the batch. The full-vocabulary sort runs
 only when some row uses top-p.
@@ -34,6 +34,8 @@ class SamplingMetadata:
     seen_token_ids: torch.Tensor | None  # [N, L] int64
     output_token_ids: torch.Tensor | None  # [N, L'] int64
     max_num_logprobs: int | None  # None: no row wants logprobs
+    # Sparse logit bias: (rows [B], token ids [B], values [B]) over all biased entries.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
+        logits = apply_logit_bias(logits, metadata)
         logits = apply_penalties(logits, metadata)
         greedy = logits.argmax(dim=-1)
         if metadata.all_greedy:
@@ -72,6 +75,13 @@ class Sampler:
         for row, generator in metadata.generators.items():
             noise[row].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def apply_logit_bias(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    if metadata.logit_bias is None:
+        return logits
+    rows, token_ids, values = metadata.logit_bias
+    return logits.index_put((rows, token_ids), values, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

@@ -29,6 +29,24 @@ def _padded_token_ids(batch: InputBatch, rows: np.ndarray, starts: np.ndarray, d
     return torch.from_numpy(np.where(valid, ids, -1)).to(device)
 
 
+def _logit_bias(
+    batch: InputBatch, rows: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    entries = [
+        (i, token_id, bias)
+        for i, row in enumerate(rows.tolist())
+        for token_id, bias in (batch.states[row].sampling_params.logit_bias or {}).items()
+    ]
+    if not entries:
+        return None
+    sample_rows, token_ids, values = zip(*entries)
+    return (
+        torch.tensor(sample_rows, dtype=torch.int64, device=device),
+        torch.tensor(token_ids, dtype=torch.int64, device=device),
+        torch.tensor(values, dtype=torch.float32, device=device),
+    )
+
+
 def build_sampling_metadata(batch: InputBatch, rows: np.ndarray, device: torch.device) -> SamplingMetadata:
     temperature = batch.temperature[rows]
     temperature = np.where(temperature < 1e-5, 0.0, temperature).astype(np.float32)
@@ -59,4 +77,5 @@ def build_sampling_metadata(batch: InputBatch, rows: np.ndarray, device: torch.d
         seen_token_ids=seen,
         output_token_ids=outputs,
         max_num_logprobs=max(wanted) if wanted else None,
+        logit_bias=_logit_bias(batch, rows, device),
     )
