@@ -17,6 +17,9 @@ from typing import Any
 from pagoda.config import CacheConfig, ModelConfig, PagodaConfig, SchedulerConfig
 from pagoda.models.resolve import resolve_model
 
+# Where `LLM` runs EngineCore: in this process, or in its own. AsyncLLM always uses its own.
+ENGINE_MODES = ("inproc", "mp")
+
 # On the CPU, bf16 runs on AMX where available and halves memory traffic.
 _AUTO_DTYPE = "bfloat16"
 
@@ -36,6 +39,11 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
+    engine_mode: str = "inproc"
+
+    def __post_init__(self) -> None:
+        if self.engine_mode not in ENGINE_MODES:
+            raise ValueError(f"engine_mode must be one of {ENGINE_MODES}, got {self.engine_mode!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":

@@ -12,7 +12,7 @@ import time
 
 from pagoda.config import PagodaConfig
 from pagoda.core.kv_cache_interface import KVCacheConfig, SlidingWindowSpec, make_kv_cache_config
-from pagoda.core.outputs import EngineCoreOutput
+from pagoda.core.outputs import EngineCoreOutput, FinishReason
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStatsMessage
@@ -88,9 +88,19 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         model_output = self.executor.execute_model(scheduler_output)
         outputs: list[EngineCoreOutput] = self.scheduler.update_from_output(scheduler_output, model_output)
-        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self._stats())
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
 
-    def _stats(self) -> SchedulerStatsMessage:
+    def fail_requests(self, error: str) -> EngineCoreOutputs:
+        """Finish every unfinished request with `FinishReason.ERROR` (a step raised), freeing its blocks."""
+        request_ids = list(self.scheduler.requests)
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
+        outputs = [
+            EngineCoreOutput(request_id=request_id, new_token_ids=[], finish_reason=FinishReason.ERROR, error=error)
+            for request_id in request_ids
+        ]
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def make_stats(self) -> SchedulerStatsMessage:
         stats = self.scheduler.make_stats()
         return SchedulerStatsMessage(
             num_running_reqs=stats.num_running_reqs,

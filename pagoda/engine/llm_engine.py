@@ -25,6 +25,45 @@ class PreparedRequest:
     children: list[EngineCoreRequest]
 
 
+def prepare_request(
+    input_processor: InputProcessor,
+    request_id: str,
+    prompt: PromptType,
+    params: SamplingParams,
+    priority: int = 0,
+    cache_salt: str | None = None,
+    add_special_tokens: bool = True,
+) -> PreparedRequest:
+    """Validate and tokenize one user request and fan it out into its `n` core requests."""
+    token_ids = input_processor.tokenize(prompt, add_special_tokens)
+    first = input_processor.process(request_id, token_ids, params, priority=priority, cache_salt=cache_salt)
+    parent = ParentRequest(
+        request_id=request_id,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_token_ids=token_ids,
+        n=params.n,
+        output_kind=params.output_kind,
+        metrics=RequestMetrics(arrival_time=first.arrival_time, num_prompt_tokens=len(token_ids)),
+    )
+    children = []
+    for index in range(params.n):
+        # Each of the n sequences samples on its own; seeded ones get distinct seeds.
+        seed = None if params.seed is None else params.seed + index
+        child_params = first.sampling_params.clone(n=1, seed=seed)
+        children.append(
+            EngineCoreRequest(
+                request_id=parent.child_id(index),
+                prompt_token_ids=token_ids,
+                sampling_params=child_params,
+                eos_token_id=first.eos_token_id,
+                arrival_time=first.arrival_time,
+                priority=priority,
+                cache_salt=cache_salt,
+            )
+        )
+    return PreparedRequest(parent, children)
+
+
 class LLMEngine:
     def __init__(self, config: PagodaConfig, client: EngineCoreClient | None = None) -> None:
         self.config = config
@@ -45,33 +84,7 @@ class LLMEngine:
     ) -> PreparedRequest:
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        token_ids = self.input_processor.tokenize(prompt, add_special_tokens)
-        first = self.input_processor.process(request_id, token_ids, params, priority=priority, cache_salt=cache_salt)
-        parent = ParentRequest(
-            request_id=request_id,
-            prompt=prompt if isinstance(prompt, str) else None,
-            prompt_token_ids=token_ids,
-            n=params.n,
-            output_kind=params.output_kind,
-            metrics=RequestMetrics(arrival_time=first.arrival_time, num_prompt_tokens=len(token_ids)),
-        )
-        children = []
-        for index in range(params.n):
-            # Each of the n sequences samples on its own; seeded ones get distinct seeds.
-            seed = None if params.seed is None else params.seed + index
-            child_params = first.sampling_params.clone(n=1, seed=seed)
-            children.append(
-                EngineCoreRequest(
-                    request_id=parent.child_id(index),
-                    prompt_token_ids=token_ids,
-                    sampling_params=child_params,
-                    eos_token_id=first.eos_token_id,
-                    arrival_time=first.arrival_time,
-                    priority=priority,
-                    cache_salt=cache_salt,
-                )
-            )
-        return PreparedRequest(parent, children)
+        return prepare_request(self.input_processor, request_id, prompt, params, priority, cache_salt, add_special_tokens)
 
     def submit(self, prepared: PreparedRequest) -> None:
         for index, child in enumerate(prepared.children):

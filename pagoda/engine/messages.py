@@ -1,12 +1,19 @@
 """Engine layer: the messages between the front end and `EngineCore`.
 
 msgspec Structs (array-like, no GC tracking) so the same values travel
-in-process today and over ZMQ with msgpack later, never through pickle.
+in-process and over ZMQ with msgpack, never through pickle.
+
+On the wire (see `core_proc`): the client sends two frames, a one-byte
+`EngineCoreRequestType` and the msgpack payload (an `EngineCoreRequest`, a
+list of request ids to abort, or a `UtilityRequest`); the engine answers with
+one `EngineCoreOutputs` frame per step or per utility call. The engine's first
+message is an `EngineCoreHandshake`.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 import msgspec
 
@@ -27,6 +34,29 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
 class EngineCoreRequestType(IntEnum):
     ADD = 0
     ABORT = 1
+    UTILITY = 2
+
+
+class UtilityRequest(msgspec.Struct, array_like=True, gc=False, kw_only=True):
+    """Call one of the engine's utility methods (`reset_prefix_cache`, `get_stats`) by name."""
+
+    call_id: int
+    method: str
+
+
+class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
+    """The answer to the `UtilityRequest` with the same `call_id`: a msgpack-native result or an error."""
+
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class EngineCoreHandshake(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
+    """The engine process's first message: ready with its KV cache size, or why start-up failed."""
+
+    num_kv_blocks: int = 0
+    error: str | None = None
 
 
 class SchedulerStatsMessage(msgspec.Struct, array_like=True, gc=False, kw_only=True):
@@ -43,3 +73,4 @@ class SchedulerStatsMessage(msgspec.Struct, array_like=True, gc=False, kw_only=T
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
     outputs: list[EngineCoreOutput] = msgspec.field(default_factory=list)
     scheduler_stats: SchedulerStatsMessage | None = None
+    utility_output: UtilityOutput | None = None

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from pagoda.core.outputs import EngineCoreOutput, FinishReason
 from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.iteration_stats import IterationStats
 from pagoda.engine.logprobs import LogprobsProcessor
 from pagoda.engine.messages import EngineCoreRequest
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -86,8 +87,13 @@ class OutputProcessor:
                     core_ids.append(child_id)
         return core_ids
 
-    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs to deliver and the core request ids to abort (stop strings)."""
+    def process_outputs(
+        self, outputs: list[EngineCoreOutput], iteration_stats: IterationStats | None = None
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs to deliver and the core request ids to abort (stop strings).
+
+        With `iteration_stats`, also records this step's latencies, token counts and finished requests.
+        """
         now = time.monotonic()
         request_outputs: list[RequestOutput] = []
         to_abort: list[str] = []
@@ -95,12 +101,18 @@ class OutputProcessor:
             state = self.request_states.get(output.request_id)
             if state is None:
                 continue  # aborted by the user meanwhile
+            if iteration_stats is not None:
+                iteration_stats.update_from_output(state.parent.metrics, len(output.new_token_ids), now)
             finish_reason, stop_reason = self._update_state(state, output, now)
             if finish_reason is not None and output.finish_reason is None:
                 to_abort.append(output.request_id)
             request_output = self._make_output(state, finish_reason, stop_reason, now)
             if request_output is not None:
+                request_output.error = output.error
                 request_outputs.append(request_output)
+            if iteration_stats is not None and request_output is not None and request_output.finished:
+                parent = state.parent
+                iteration_stats.update_from_finished_request(parent.request_id, str(finish_reason), parent.metrics)
         return request_outputs, to_abort
 
     def _update_state(

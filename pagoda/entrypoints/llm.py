@@ -15,6 +15,7 @@ import msgspec
 from tqdm.auto import tqdm
 
 from pagoda.engine.arg_utils import EngineArgs
+from pagoda.engine.core_client import make_client
 from pagoda.engine.input_processor import PromptType
 from pagoda.engine.llm_engine import LLMEngine, PreparedRequest
 from pagoda.engine.tokenizer import ChatMessage, render_chat
@@ -35,12 +36,15 @@ def _as_prompt_list(prompts: Prompts) -> list[PromptType]:
 
 
 class LLM:
-    """An engine in this process; `generate` and `chat` run batches to completion."""
+    """`generate` and `chat` run batches to completion.
+
+    The engine runs in this process, or with `engine_mode="mp"` in a process of its own.
+    """
 
     def __init__(self, model: str = "gemma3-270m", **kwargs: Any) -> None:
         self.engine_args = EngineArgs.from_kwargs(model, **kwargs)
         self.config = self.engine_args.create_config()
-        self.llm_engine = LLMEngine(self.config)
+        self.llm_engine = LLMEngine(self.config, make_client(self.config, self.engine_args.engine_mode))
         self._request_counter = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -128,6 +132,10 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Release the engine (and stop its process in "mp" mode)."""
+        self.llm_engine.shutdown()
 
     def get_metrics(self) -> dict[str, float]:
         stats = self.llm_engine.scheduler_stats
