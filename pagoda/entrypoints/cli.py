@@ -1,4 +1,4 @@
-"""Entrypoints layer: the `pagoda` command (`generate`, `convert`), flags named like vLLM's."""
+"""Entrypoints layer: the `pagoda` command (`generate`, `serve`, `bench`, `convert`), flags named like vLLM's."""
 
 from __future__ import annotations
 
@@ -64,6 +64,34 @@ def _generate(args: argparse.Namespace) -> None:
           f"{num_generated / elapsed:.1f} output tok/s")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from pagoda.engine.arg_utils import EngineArgs
+    from pagoda.entrypoints.openai.api_server import run_server
+
+    engine_args = EngineArgs.from_kwargs(args.model, **_engine_kwargs(args))
+    run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name)
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from pagoda.entrypoints.serve_bench import run_and_print
+
+    run_and_print(args.base_url, args.num_clients, args.num_requests, args.prompt_len, args.max_tokens,
+                  args.api_key)
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmarks against a running server")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    serve = kinds.add_parser("serve", help="the serving reference workload: N streaming clients, token-id prompts")
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000")
+    serve.add_argument("--num-clients", type=int, default=8, help="each keeps one request in flight")
+    serve.add_argument("--num-requests", type=int, default=32)
+    serve.add_argument("--prompt-len", type=int, default=256, help="BOS + random token ids")
+    serve.add_argument("--max-tokens", type=int, default=128, help="exactly this many new tokens per request")
+    serve.add_argument("--api-key", default=None)
+    serve.set_defaults(handler=_bench_serve)
+
+
 def _convert(args: argparse.Namespace) -> None:
     from pagoda.models.resolve import resolve_model
 
@@ -80,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     generate.set_defaults(handler=_generate)
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    serve.set_defaults(handler=_serve)
+    _add_bench_parser(commands)
     convert = commands.add_parser("convert", help="convert a GGUF model once into the cache and print its folder")
     convert.add_argument("model")
     convert.set_defaults(handler=_convert)

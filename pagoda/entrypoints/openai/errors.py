@@ -1,0 +1,87 @@
+"""Entrypoints layer: HTTP errors with OpenAI's error body, and the handlers that render them.
+
+Every failure the server reports looks like
+`{"error": {"message", "type", "param", "code"}}`, the shape the official
+clients turn into typed exceptions; `param` names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagoda.sampling_params import SamplingParams
+
+# OpenAI's error types by status.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        error_type = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+    def sse_event(self) -> str:
+        """The error as a server-sent event, for failures after a stream has started."""
+        return f"data: {json.dumps(self.body())}\n\n"
+
+
+def bad_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(HTTPStatus.BAD_REQUEST, message, param)
+
+
+# Engine-side ValueErrors start with the field they are about ("SamplingParams.top_p must ...",
+# "stop_token_ids: ...", "prompt has ..."); these are the names that can appear there.
+_ENGINE_PARAMS = frozenset(SamplingParams.__struct_fields__) | {"prompt"}
+
+
+def from_value_error(error: ValueError, default_param: str | None = None) -> OpenAIError:
+    """A 400 for a ValueError raised below the server, naming the field when the message does."""
+    match = re.match(r"(?:SamplingParams\.)?([a-z_]+)\b", str(error))
+    param = match.group(1) if match and match.group(1) in _ENGINE_PARAMS else default_param
+    return bad_request(str(error), param)
+
+
+async def _on_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    # ("body", "messages", 0, "role"): the param is the top-level field, the message has the full path.
+    # A JSON syntax error is located by a character offset (an int), which names no field.
+    location = [str(part) for part in first.get("loc", ()) if part != "body" and isinstance(part, str)]
+    param = location[0] if location else None
+    message = first.get("msg", "invalid value")
+    return bad_request(f"{'.'.join(location)}: {message}" if location else message, param).response()
+
+
+async def _on_openai_error(_: Request, error: OpenAIError) -> JSONResponse:
+    return error.response()
+
+
+async def _on_http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    return OpenAIError(error.status_code, str(error.detail)).response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(OpenAIError, _on_openai_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]

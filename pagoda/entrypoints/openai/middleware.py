@@ -1,0 +1,66 @@
+"""Entrypoints layer: request guards in front of the app — API key on `/v1/*` and a bounded body size.
+
+Written as plain ASGI middleware rather than Starlette's `BaseHTTPMiddleware`,
+which wraps `receive` in a way that hides a client's disconnect from
+streaming responses (and a disconnect must abort the request).
+"""
+
+from __future__ import annotations
+
+import secrets
+from http import HTTPStatus
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagoda.entrypoints.openai.errors import OpenAIError
+
+# Bodies larger than this are refused with 413 (a max-length prompt of token ids is ~1 MB of JSON).
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20
+
+
+class RequestGuardMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorized(headers):
+            error = OpenAIError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key: send 'Authorization: Bearer "
+                                "<key>' with the key this server was started with", code="invalid_api_key")
+            await error.response()(scope, receive, send)
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        await self.app(scope, self._bounded(receive), send)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
+                                                                   (self.api_key or "").encode())
+
+    def _too_large(self) -> OpenAIError:
+        return OpenAIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"request body exceeds the limit of {self.max_body_bytes} bytes")
+
+    def _bounded(self, receive: Receive) -> Receive:
+        """`receive` that refuses a body (sent without a length) once it grows past the limit."""
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large().message)
+            return message
+
+        return bounded_receive
