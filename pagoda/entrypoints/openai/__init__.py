@@ -1,0 +1,1 @@
+"""Entrypoints layer: the OpenAI-compatible HTTP server (`pagoda serve`)."""
