@@ -201,25 +201,33 @@ class AsyncMPClient(MPClient):
         self._loop.add_reader(self.engine.process.sentinel, self._on_engine_death)
 
     async def _read_outputs(self) -> None:
-        while True:
-            outputs = self._decoder.decode(await self.engine.output_socket.recv())
-            answer = outputs.utility_output
-            if answer is None:
-                self._outputs.put_nowait(outputs)
-                continue
-            future = self._utility_calls.pop(answer.call_id, None)
-            if future is not None and not future.done():
-                future.set_result(answer)
+        try:
+            while True:
+                outputs = self._decoder.decode(await self.engine.output_socket.recv())
+                answer = outputs.utility_output
+                if answer is None:
+                    self._outputs.put_nowait(outputs)
+                    continue
+                future = self._utility_calls.pop(answer.call_id, None)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        except Exception as e:
+            # Without the reader nothing would ever arrive again: treat it as the engine's death.
+            self._fail(EngineDeadError(f"reading the engine's outputs failed: {e!r}"))
 
     def _on_engine_death(self) -> None:
-        assert self._loop is not None and self._reader is not None
-        self._loop.remove_reader(self.engine.process.sentinel)
+        assert self._reader is not None
         self._reader.cancel()
-        self._dead_error = EngineDeadError(self.engine.death_message())
-        self._outputs.put_nowait(self._dead_error)
+        self._fail(EngineDeadError(self.engine.death_message()))
+
+    def _fail(self, error: EngineDeadError) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self.engine.process.sentinel)
+        self._dead_error = error
+        self._outputs.put_nowait(error)
         for future in self._utility_calls.values():
             if not future.done():
-                future.set_exception(self._dead_error)
+                future.set_exception(error)
         self._utility_calls.clear()
 
     def ensure_alive(self) -> None:
