@@ -1,0 +1,101 @@
+"""The OpenAI server's pieces that need no model: request parsing, error mapping, metrics, CLI defaults."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pagoda.engine.iteration_stats import FinishedRequestStats, IterationStats
+from pagoda.engine.messages import SchedulerStatsMessage
+from pagoda.entrypoints.cli import build_parser
+from pagoda.entrypoints.openai.errors import from_value_error
+from pagoda.entrypoints.openai.metrics import ServerMetrics
+from pagoda.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from pagoda.sampling_params import RequestOutputKind
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("Hi", ["Hi"]),
+    ([1, 2, 3], [[1, 2, 3]]),
+    (["a", "b"], ["a", "b"]),
+    ([[1], [2, 3]], [[1], [2, 3]]),
+])
+def test_completion_prompt_batches(prompt, expected):
+    assert CompletionRequest(prompt=prompt).prompts() == expected
+
+
+def test_sampling_params_from_a_completion_request():
+    request = CompletionRequest.model_validate_json(
+        '{"prompt": "Hi", "stop": "\\n", "logit_bias": {"42": -100}, "stream": true, "top_k": 3, "seed": 7}'
+    )
+    params = request.to_sampling_params(max_tokens=5, num_logprobs=2)
+    assert params.stop == ["\n"] and params.logit_bias == {42: -100.0} and params.top_k == 3
+    assert params.max_tokens == 5 and params.logprobs == 2 and params.seed == 7
+    assert params.output_kind == RequestOutputKind.DELTA
+    assert CompletionRequest(prompt="Hi").to_sampling_params(5, None).output_kind == RequestOutputKind.FINAL_ONLY
+
+
+def test_chat_request_prefers_max_completion_tokens_and_maps_logprobs():
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=9,
+                                    max_completion_tokens=4, logprobs=True)
+    assert request.requested_max_tokens == 4 and request.num_logprobs == 0
+    assert ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], top_logprobs=3).num_logprobs is None
+
+
+def test_chat_content_parts():
+    message = ChatMessage(role="user", content=[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}])
+    assert message.to_template_message() == {"role": "user", "content": "ab"}
+    with pytest.raises(ValueError, match="image_url"):
+        ChatMessage(role="user", content=[{"type": "image_url"}]).to_template_message()
+
+
+@pytest.mark.parametrize(("message", "param"), [
+    ("SamplingParams.top_p must be in (0, 1], got 2", "top_p"),
+    ("stop_token_ids: 99 is outside the vocabulary", "stop_token_ids"),
+    ("prompt has 9000 tokens", "prompt"),
+    ("this model has no chat template", None),
+])
+def test_engine_value_errors_name_their_field(message, param):
+    error = from_value_error(ValueError(message))
+    assert error.status == 400 and error.param == param
+    assert error.body()["error"]["message"] == message
+
+
+def _samples(metrics: ServerMetrics) -> dict[str, float]:
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if not sample.name.endswith("_created") and "le" not in sample.labels
+    }
+
+
+def test_metrics_follow_iteration_and_scheduler_stats():
+    metrics = ServerMetrics("m")
+
+    def stats(queries: int, hits: int) -> SchedulerStatsMessage:
+        return SchedulerStatsMessage(num_running_reqs=2, num_waiting_reqs=1, kv_cache_usage=0.25,
+                                     prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=0)
+
+    finished = FinishedRequestStats("r", "length", 1.5, 10, 4, 0)
+    metrics(IterationStats(num_prompt_tokens=10, num_generation_tokens=2, time_to_first_tokens=[0.2],
+                           inter_token_latencies=[0.05], finished_requests=[finished]), stats(100, 40))
+    metrics(IterationStats(num_generation_tokens=1, inter_token_latencies=[0.07]), stats(150, 60))
+    samples = _samples(metrics)
+    assert samples["pagoda:prompt_tokens_total"] == 10 and samples["pagoda:generation_tokens_total"] == 3
+    assert samples["pagoda:prefix_cache_queries_total"] == 150 and samples["pagoda:prefix_cache_hits_total"] == 60
+    assert samples["pagoda:num_requests_running"] == 2 and samples["pagoda:kv_cache_usage_perc"] == 0.25
+    assert samples["pagoda:time_to_first_token_seconds_count"] == 1
+    assert samples["pagoda:inter_token_latency_seconds_count"] == 2
+    assert samples["pagoda:e2e_request_latency_seconds_sum"] == 1.5
+    assert samples["pagoda:request_success_total"] == 1
+    # A scrape's fresher figures and a later step's report never count the same hits twice.
+    metrics.record_scheduler_stats(stats(150, 60))
+    assert _samples(metrics)["pagoda:prefix_cache_hits_total"] == 60
+
+
+def test_serve_binds_loopback_by_default():
+    args = build_parser().parse_args(["serve", "smollm2-135m", "--api-key", "k", "--max-model-len", "512"])
+    assert (args.host, args.port, args.api_key, args.max_model_len) == ("127.0.0.1", 8000, "k", 512)
+    bench = build_parser().parse_args(["bench", "serve", "--num-clients", "4"])
+    assert bench.num_clients == 4 and bench.base_url == "http://127.0.0.1:8000"
