@@ -45,7 +45,6 @@ class SamplingRequest(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: LogitBias | None = None
-    user: str | None = None
     # vLLM's extra sampling fields.
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)

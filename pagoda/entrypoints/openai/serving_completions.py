@@ -16,7 +16,7 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pagoda.entrypoints.openai.errors import OpenAIError
+from pagoda.entrypoints.openai.errors import OpenAIError, bad_request
 from pagoda.entrypoints.openai.protocol import CompletionRequest
 from pagoda.entrypoints.openai.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo
 from pagoda.entrypoints.openai.serving_engine import OpenAIServing, add_usage, merge_async_iterators, sse
@@ -46,7 +46,7 @@ class OpenAIServingCompletion(OpenAIServing):
         model_name = self.check_request(request)
         prompts = request.prompts()
         if not prompts:
-            raise OpenAIError(400, "prompt is empty", "prompt")
+            raise bad_request("prompt is empty", "prompt")
         token_ids = [self.prompt_token_ids(prompt, "prompt") for prompt in prompts]
         params = [
             self.sampling_params(request, self.max_tokens(request.max_tokens, len(ids)), request.logprobs)

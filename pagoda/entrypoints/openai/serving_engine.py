@@ -77,9 +77,10 @@ class OpenAIServing:
         if bad:
             raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param)
 
-    def prompt_token_ids(self, prompt: Prompt, param: str, add_special_tokens: bool = True) -> list[int]:
+    def prompt_token_ids(self, prompt: Prompt, param: str) -> list[int]:
+        """Text is tokenized (BOS added as the model's tokenizer says); token ids are checked against the vocabulary."""
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
+            token_ids = self.tokenizer.encode(prompt) if prompt else []
         else:
             token_ids = list(prompt)
             self.check_token_ids(token_ids, param)
