@@ -89,3 +89,28 @@ def test_paged_equals_dense_with_chunked_prefill_and_decodes(window, softcap):
     qkv, outputs = run_steps(seq_lens, chunks, spec, null_outside=True)
     for (q, k, v), out in zip(qkv, outputs):
         torch.testing.assert_close(out, dense_reference(q, k, v, spec), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [((3, 4, 1, 8), (3, 2, 12, 8)), ((4, 40, 8), (2, 40, 8))])
+def test_matmul_path_equals_sdpa_path(shape):
+    from pagoda.worker.attention import paged_attention
+
+    q_shape, kv_shape = shape
+    torch.manual_seed(1)
+    q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+    mask = torch.rand(*q_shape[:-3], 1, q_shape[-2], kv_shape[-2]) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    spec = AttentionLayerSpec(q_shape[-3], kv_shape[-3], q_shape[-1], scale=0.3)
+    expected = paged_attention.sdpa_attend(q, k, v, mask if len(q_shape) == 4 else mask[0], spec)
+    actual = paged_attention.matmul_attend(q, k, v, mask if len(q_shape) == 4 else mask[0], spec)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_long_prefill_is_split_into_query_chunks(monkeypatch):
+    from pagoda.worker.attention import paged_attention
+
+    monkeypatch.setattr(paged_attention, "_MAX_SCORE_ELEMENTS", 4 * 21 * 5)
+    spec = AttentionLayerSpec(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, scale=HEAD_DIM**-0.5)
+    qkv, outputs = run_steps([21], [[21]], spec)
+    q, k, v = qkv[0]
+    torch.testing.assert_close(outputs[0], dense_reference(q, k, v, spec), atol=1e-5, rtol=1e-5)

@@ -95,18 +95,50 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(-3, -2)
 
 
+# Above this many score elements per call, prefill queries are split into chunks.
+_MAX_SCORE_ELEMENTS = 1 << 24
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
            spec: AttentionLayerSpec) -> torch.Tensor:
-    """Masked attention with grouped KV heads; q [..., H, n, D], k/v [..., KVH, L, D]."""
+    """Masked attention with grouped KV heads; q [..., H, n, D], k/v [..., KVH, L, D], mask [..., n, L].
+
+    CUDA uses `scaled_dot_product_attention`'s fused kernels. Elsewhere two
+    batched matmuls are faster: on CPU, SDPA's flash kernel is several times
+    slower for these shapes, most of all for one-token decodes with GQA.
+    """
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
-    if spec.logit_softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=True)
-    # Softcapping sits between the scores and the softmax, which SDPA cannot express.
-    group = q.shape[-3] // k.shape[-3]
-    k = k.repeat_interleave(group, dim=-3)
-    v = v.repeat_interleave(group, dim=-3)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * spec.scale
-    scores = spec.logit_softcap * torch.tanh(scores / spec.logit_softcap)
-    scores = scores.masked_fill(~mask, -math.inf)
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    if q.device.type == "cuda" and spec.logit_softcap is None:
+        return sdpa_attend(q, k, v, mask, spec)
+    num_queries = q.shape[-2]
+    chunk = max(1, _MAX_SCORE_ELEMENTS // (q.shape[-3] * k.shape[-2]))
+    if num_queries <= chunk:
+        return matmul_attend(q, k, v, mask, spec)
+    parts = [
+        matmul_attend(q[..., start : start + chunk, :], k, v, mask[..., start : start + chunk, :], spec)
+        for start in range(0, num_queries, chunk)
+    ]
+    return torch.cat(parts, dim=-2)
+
+
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                spec: AttentionLayerSpec) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=True)
+
+
+def matmul_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  spec: AttentionLayerSpec) -> torch.Tensor:
+    """Scores as one matmul per KV head: the query heads sharing it are stacked as rows."""
+    *batch, num_heads, num_queries, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[-3], k.shape[-2]
+    group = num_heads // num_kv_heads
+    rows = q.reshape(*batch, num_kv_heads, group * num_queries, head_dim)
+    scores = torch.matmul(rows, k.transpose(-1, -2)).float()
+    scores = scores.view(*batch, num_kv_heads, group, num_queries, num_keys) * spec.scale
+    if spec.logit_softcap is not None:
+        scores = spec.logit_softcap * torch.tanh(scores / spec.logit_softcap)
+    scores = scores.masked_fill(~mask.unsqueeze(-3), -math.inf)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(*batch, num_kv_heads, group * num_queries, num_keys), v)
+    return out.view(*batch, num_heads, num_queries, head_dim)
