@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ def format_result(result: BenchResult) -> str:
 
 def run_and_print(base_url: str, num_clients: int, num_requests: int, prompt_len: int, max_tokens: int,
                   api_key: str | None) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the result
     result = asyncio.run(run_workload(base_url.rstrip("/"), num_clients, num_requests, prompt_len, max_tokens,
                                       api_key))
     print(format_result(result))
