@@ -27,6 +27,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None) -> di
 @pytest.mark.parametrize(("extra", "param"), [
     ({"temperature": -1}, "temperature"),
     ({"n": 0}, "n"),
+    ({"n": 200}, "n"),
     ({"top_p": 2}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 5000}, "max_tokens"),
