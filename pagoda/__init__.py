@@ -11,6 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "LLM": "pagoda.entrypoints.llm",
+    "AsyncLLM": "pagoda.engine.async_llm",
+    "EngineArgs": "pagoda.engine.arg_utils",
     "SamplingParams": "pagoda.sampling_params",
     "RequestOutputKind": "pagoda.sampling_params",
     "RequestOutput": "pagoda.outputs",

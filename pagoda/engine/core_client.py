@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ from pagoda.engine.messages import (
     UtilityOutput,
     UtilityRequest,
 )
+
+logger = logging.getLogger(__name__)
 
 # Loading the model and sizing the KV cache; a GGUF was already converted by the caller.
 STARTUP_TIMEOUT_S = 300.0
@@ -213,6 +216,7 @@ class AsyncMPClient(MPClient):
                     future.set_result(answer)
         except Exception as e:
             # Without the reader nothing would ever arrive again: treat it as the engine's death.
+            logger.exception("reading the engine's outputs failed")
             self._fail(EngineDeadError(f"reading the engine's outputs failed: {e!r}"))
 
     def _on_engine_death(self) -> None:

@@ -112,6 +112,7 @@ class EngineCoreProc:
         try:
             self.engine_core.add_request(request)
         except Exception as e:
+            logger.warning("request %s rejected: %s", request.request_id, e)
             error = EngineCoreOutput(
                 request_id=request.request_id, new_token_ids=[], finish_reason=FinishReason.ERROR, error=str(e)
             )

@@ -84,7 +84,9 @@ class LLMEngine:
     ) -> PreparedRequest:
         if request_id in self.output_processor.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        return prepare_request(self.input_processor, request_id, prompt, params, priority, cache_salt, add_special_tokens)
+        return prepare_request(
+            self.input_processor, request_id, prompt, params, priority, cache_salt, add_special_tokens
+        )
 
     def submit(self, prepared: PreparedRequest) -> None:
         for index, child in enumerate(prepared.children):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -36,7 +37,9 @@ async def engine(smollm_path: Path):
     engine.shutdown()
 
 
-async def collect(engine: AsyncLLM, prompt: str | list[int], params: SamplingParams, request_id: str) -> list[RequestOutput]:
+async def collect(
+    engine: AsyncLLM, prompt: str | list[int], params: SamplingParams, request_id: str
+) -> list[RequestOutput]:
     return [output async for output in engine.generate(prompt, params, request_id)]
 
 
@@ -62,7 +65,7 @@ async def test_delta_stream_concatenates_to_the_final_output(engine: AsyncLLM) -
 async def test_cumulative_outputs_grow(engine: AsyncLLM) -> None:
     outputs = await collect(engine, PROMPT, greedy(RequestOutputKind.CUMULATIVE), "cumulative")
     texts = [o.outputs[0].text for o in outputs]
-    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
     assert len(outputs[-1].outputs[0].token_ids) == 12
 
 
@@ -81,7 +84,8 @@ async def test_n_sequences_fan_in(engine: AsyncLLM) -> None:
 
 
 async def test_stop_string_finishes_the_request_in_the_core(engine: AsyncLLM) -> None:
-    outputs = await collect(engine, "1, 2, 3, 4,", greedy(RequestOutputKind.CUMULATIVE, max_tokens=40, stop=["8"]), "stop")
+    params = greedy(RequestOutputKind.CUMULATIVE, max_tokens=40, stop=["8"])
+    outputs = await collect(engine, "1, 2, 3, 4,", params, "stop")
     completion = outputs[-1].outputs[0]
     assert (completion.finish_reason, completion.stop_reason) == ("stop", "8") and "8" not in completion.text
     await wait_until_all_free(engine)

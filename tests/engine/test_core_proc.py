@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import time
 from pathlib import Path
 
 import msgspec
@@ -15,6 +17,7 @@ from pagoda.core.outputs import FinishReason
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.core_client import SyncMPClient
 from pagoda.engine.core_proc import run_engine_core
+from pagoda.engine.exceptions import EngineDeadError
 from pagoda.engine.messages import EngineCoreRequest, EngineCoreRequestType, UtilityRequest
 
 pytestmark = pytest.mark.slow
@@ -126,9 +129,20 @@ def test_start_up_failure_reports_the_engine_error(smollm_path: Path) -> None:
         LLM(str(smollm_path), engine_mode="mp", dtype="float32", kv_cache_memory=1 << 20, max_model_len=512)
 
 
-def test_shutdown_stops_the_process_and_removes_the_endpoints(mp_llm: LLM) -> None:
-    engine = mp_llm.llm_engine.engine_core.engine
+def test_engine_death_fails_requests_then_shutdown_cleans_up(mp_llm: LLM) -> None:
+    client = mp_llm.llm_engine.engine_core
+    engine = client.engine
     assert sorted(os.listdir(engine.ipc_dir)) == ["input", "output"]
+    client.add_request(_request("doomed", [1, 504, 3], max_tokens=400))
+    client.get_output()
+    os.kill(engine.process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(EngineDeadError, match="killed by SIGKILL"):
+        while True:  # outputs already on their way may still arrive first
+            client.get_output()
+    assert time.monotonic() - killed < 5
+    with pytest.raises(EngineDeadError):
+        mp_llm.generate(["Hello"], GREEDY, use_tqdm=False)
     mp_llm.shutdown()
     assert not engine.process.is_alive()
     assert not os.path.exists(engine.ipc_dir)
