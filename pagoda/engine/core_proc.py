@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import shutil
 import signal
 import tempfile
@@ -169,6 +170,8 @@ def run_engine_core(config_bytes: bytes, input_address: str, output_address: str
         num_blocks = proc.engine_core.kv_cache_config.num_blocks
         input_socket.send(encoder.encode(EngineCoreHandshake(num_kv_blocks=num_blocks)))
         proc.run_busy_loop()
+        # The loop only returns once the parent is gone, and a dead parent cannot remove its endpoints.
+        shutil.rmtree(os.path.dirname(input_address.removeprefix("ipc://")), ignore_errors=True)
     finally:
         if proc is not None:
             proc.engine_core.shutdown()
