@@ -127,7 +127,9 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             if not finished:
                 # The consumer left early (break, cancellation, error): free the request in the core.
-                await self.abort(request_id)
+                # Shielded: a cancel scope around the consumer (Starlette on disconnect) must not
+                # cancel the abort itself, or the core would keep the request's blocks.
+                await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request: the core frees its blocks and its `generate` stream ends; unknown ids are ignored."""
