@@ -31,7 +31,7 @@ from pagoda.engine.iteration_stats import IterationStats, StatLogger
 from pagoda.engine.llm_engine import prepare_request
 from pagoda.engine.messages import SchedulerStatsMessage
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.tokenizer import load_tokenizer
+from pagoda.engine.tokenizer import load_tokenizer_in_background
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -47,10 +47,11 @@ class AsyncLLM:
     def __init__(self, config: PagodaConfig) -> None:
         self.config = config
         self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(config.model_config.path)
+        tokenizer = load_tokenizer_in_background(config.model_config.path)
+        self.engine_core = AsyncMPClient(config)
+        self.tokenizer = tokenizer.result()
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)
-        self.engine_core = AsyncMPClient(config)
         # The scheduler's gauges after the latest step.
         self.scheduler_stats: SchedulerStatsMessage | None = None
         self._queues: dict[str, asyncio.Queue[_QueueItem]] = {}
