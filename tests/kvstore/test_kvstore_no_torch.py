@@ -1,0 +1,26 @@
+"""The key, policy and token-database half of kvstore/ is pure Python: importing it must not load torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = """
+import sys
+import pagoda.kvstore.keys, pagoda.kvstore.policies, pagoda.kvstore.token_database
+import pagoda.kvstore.entry, pagoda.kvstore.storage_manager
+import pagoda.kvstore.tiers.cpu, pagoda.kvstore.tiers.disk
+assert "torch" not in sys.modules, "torch was imported"
+print("ok")
+"""
+
+
+def test_kvstore_never_imports_torch() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
