@@ -159,3 +159,24 @@ def test_background_work_runs_prefetch_then_delete_then_put(tmp_path: Path, monk
         ("put", make_key("later")),
     ]
     tier.close()
+
+
+def test_remove_while_queued_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, 10 * ENTRY_SIZE, num_workers=1)
+    started, release = threading.Event(), threading.Event()
+    real_write = tier._write
+
+    def gated_write(key: CacheEngineKey, entry: bytes, victim_paths: list[Path]) -> None:
+        started.set()
+        release.wait(timeout=5)
+        real_write(key, entry, victim_paths)
+
+    monkeypatch.setattr(tier, "_write", gated_write)
+    tier.put(make_key(0), make_entry(make_key(0)))
+    assert started.wait(timeout=5)
+    assert tier.remove(make_key(0))
+    assert not tier.contains(make_key(0)) and tier.used_bytes == 0
+    release.set()
+    tier.flush()
+    assert kv_files(tmp_path) == [] and len(tier) == 0
+    tier.close()

@@ -187,12 +187,15 @@ class DiskTier(StorageTier):
                 tmp_path.unlink(missing_ok=True)
             with self._lock:
                 self.metrics.failed_puts += 1
-                if self._pending.pop(key, None) is not None:
+                if self._pending.get(key) is entry:
+                    del self._pending[key]
                     self._used_bytes -= len(entry)
                     self._policy.on_remove(key)
             return
         with self._lock:
-            if self._pending.pop(key, None) is not None:
+            # Identity, not presence: the key may have been removed and put again while this write ran.
+            if self._pending.get(key) is entry:
+                del self._pending[key]
                 self._index[key] = len(entry)
                 return
         path.unlink(missing_ok=True)  # removed while being written
