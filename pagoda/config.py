@@ -87,3 +87,9 @@ class PagodaConfig:
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        # The input processor checks prompts against the model's limit, the scheduler and worker size by theirs.
+        _require(self.model_config.max_model_len == self.scheduler_config.max_model_len,
+                 f"ModelConfig.max_model_len ({self.model_config.max_model_len}) differs from "
+                 f"SchedulerConfig.max_model_len ({self.scheduler_config.max_model_len})")

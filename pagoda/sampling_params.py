@@ -13,7 +13,7 @@ from enum import IntEnum
 import msgspec
 
 # Temperatures below this are treated as greedy, as in vLLM.
-_GREEDY_EPSILON = 1e-5
+GREEDY_EPSILON = 1e-5
 
 
 class RequestOutputKind(IntEnum):
@@ -82,14 +82,6 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             _check(all(t >= 0 for t in self.logit_bias), "logit_bias", "keys must be non-negative token ids")
             _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
                    "values must be in [-100, 100]")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPSILON
-
-    @property
-    def all_stop_token_ids(self) -> set[int]:
-        return set(self.stop_token_ids)
 
     def clone(self, **changes: object) -> "SamplingParams":
         return msgspec.structs.replace(self, **changes)

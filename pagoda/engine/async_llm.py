@@ -108,6 +108,7 @@ class AsyncLLM:
         prepared = prepare_request(
             self.input_processor, request_id, prompt, sampling_params, priority, add_special_tokens=add_special_tokens
         )
+        self.output_processor.check_request_ids(request_id, [child.request_id for child in prepared.children])
         self._start_output_handler()
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._queues[request_id] = queue

@@ -82,11 +82,11 @@ class LLMEngine:
         cache_salt: str | None = None,
         add_special_tokens: bool = True,
     ) -> PreparedRequest:
-        if request_id in self.output_processor.parents:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        return prepare_request(
+        prepared = prepare_request(
             self.input_processor, request_id, prompt, params, priority, cache_salt, add_special_tokens
         )
+        self.output_processor.check_request_ids(request_id, [child.request_id for child in prepared.children])
+        return prepared
 
     def submit(self, prepared: PreparedRequest) -> None:
         for index, child in enumerate(prepared.children):

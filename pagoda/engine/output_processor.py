@@ -71,6 +71,17 @@ class OutputProcessor:
             logprobs=LogprobsProcessor(self._tokenizer, params),
         )
 
+    def check_request_ids(self, request_id: str, core_request_ids: list[str]) -> None:
+        """Refuse a request whose id, or the id of one of its `n` sequences, is already in flight.
+
+        Sequence ids are derived from the user's id (`0_x`, `1_x`, ...), so a
+        user id may collide with another request's sequence id.
+        """
+        taken = [i for i in core_request_ids if i in self.request_states]
+        if request_id in self.parents or taken:
+            raise ValueError(f"request_id {request_id!r} is already in use" +
+                             (f" (sequence id {taken[0]!r})" if taken else ""))
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.request_states)
 

@@ -30,6 +30,8 @@ class CachedRequestState:
     block_ids: tuple[list[int], ...]
     num_computed_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
+    # Prompt positions whose next-token logprobs were already reported (survives preemption).
+    num_prompt_logprobs_done: int = 0
 
     @property
     def num_tokens(self) -> int:

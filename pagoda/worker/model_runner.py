@@ -192,19 +192,23 @@ class ModelRunner:
         )
 
     def _compute_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, LogprobsLists]:
-        """Logprobs of the prompt tokens this step's chunk predicts (token p+1 from position p)."""
+        """Logprobs of the prompt tokens this step's chunk predicts (token p+1 from position p).
+
+        A request recomputed after preemption runs its prompt again; positions
+        already reported are skipped, so each prompt token is reported once.
+        """
         batch = self.input_batch
         result: dict[str, LogprobsLists] = {}
         for row, state in enumerate(batch.states):
             num_top = state.sampling_params.prompt_logprobs
             computed, num_prompt = int(batch.num_computed_tokens[row]), int(batch.num_prompt_tokens[row])
-            if num_top is None or computed >= num_prompt - 1:
+            chunk_end = min(computed + int(inputs.query_start[row + 1] - inputs.query_start[row]), num_prompt - 1)
+            first = max(computed, state.num_prompt_logprobs_done)
+            if num_top is None or first >= chunk_end:
                 continue
-            start = int(inputs.query_start[row])
-            count = min(int(inputs.query_start[row + 1]) - start, num_prompt - 1 - computed)
-            if count <= 0:
-                continue
-            logits = self.model.compute_logits(hidden[start : start + count])
-            targets = torch.from_numpy(batch.token_ids[row, computed + 1 : computed + 1 + count]).to(self.device)
+            start = int(inputs.query_start[row]) + first - computed
+            logits = self.model.compute_logits(hidden[start : start + chunk_end - first])
+            targets = torch.from_numpy(batch.token_ids[row, first + 1 : chunk_end + 1]).to(self.device)
             result[state.req_id] = gather_logprobs(torch.log_softmax(logits, dim=-1), targets, num_top)
+            state.num_prompt_logprobs_done = chunk_end
         return result

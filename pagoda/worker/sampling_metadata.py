@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pagoda.sampling_params import GREEDY_EPSILON
 from pagoda.worker.input_batch import InputBatch
 from pagoda.worker.sampler import SamplingMetadata
 
@@ -49,7 +50,7 @@ def _logit_bias(
 
 def build_sampling_metadata(batch: InputBatch, rows: np.ndarray, device: torch.device) -> SamplingMetadata:
     temperature = batch.temperature[rows]
-    temperature = np.where(temperature < 1e-5, 0.0, temperature).astype(np.float32)
+    temperature = np.where(temperature < GREEDY_EPSILON, 0.0, temperature).astype(np.float32)
     repetition = _optional(batch.repetition_penalty[rows], 1.0, device)
     presence = _optional(batch.presence_penalty[rows], 0.0, device)
     frequency = _optional(batch.frequency_penalty[rows], 0.0, device)

@@ -62,6 +62,17 @@ def test_duplicate_request_id_is_refused(smollm_llm):
         engine.step()
 
 
+def test_a_request_id_colliding_with_another_requests_sequence_id_is_refused(smollm_llm):
+    engine = smollm_llm.llm_engine
+    engine.add_request("x", "Hello", SamplingParams(n=2, max_tokens=4, seed=0))
+    with pytest.raises(ValueError, match="0_x"):
+        engine.add_request("0_x", "Hello again", OK)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == ["x"] and len(finished[0].outputs) == 2
+
+
 def test_unknown_model_and_missing_path(tmp_path):
     with pytest.raises(ValueError, match="no-such-model"):
         LLM("no-such-model")

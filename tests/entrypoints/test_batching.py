@@ -66,3 +66,18 @@ def test_prefix_cache_hit_computes_only_new_tokens(smollm_path):
               max_model_len=1024)
     assert cold.generate([shared + [600, 601]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
         second.outputs[0].token_ids
+
+
+def test_prompt_logprobs_are_reported_once_across_preemption(smollm_llm, smollm_path, prompts):
+    bytes_per_block = smollm_llm.llm_engine.engine_core.engine_core.kv_cache_config.bytes_per_block
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=40 * bytes_per_block, max_model_len=320)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, prompt_logprobs=1)
+    chosen = prompts[:12]
+    expected = smollm_llm.generate(chosen, params, use_tqdm=False)
+    outputs = llm.generate(chosen, params, use_tqdm=False)
+    assert llm.get_metrics()["num_preemptions"] > 0
+    for output, reference in zip(outputs, expected):
+        assert len(output.prompt_logprobs) == len(output.prompt_token_ids)
+        for position, (got, want) in enumerate(zip(output.prompt_logprobs[1:], reference.prompt_logprobs[1:]), 1):
+            token_id = output.prompt_token_ids[position]
+            assert got[token_id].logprob == pytest.approx(want[token_id].logprob, abs=1e-4)

@@ -180,3 +180,13 @@ def test_remove_while_queued_leaves_no_file(tmp_path: Path, monkeypatch: pytest.
     tier.flush()
     assert kv_files(tmp_path) == [] and len(tier) == 0
     tier.close()
+
+
+def test_put_and_prefetch_after_close_are_refused_not_lost(tmp_path):
+    tier = DiskTier(tmp_path, 10 * ENTRY_SIZE)
+    tier.close()
+    key = make_key(1)
+    assert tier.put(key, make_entry(key)) is False
+    assert tier.get_async(key).result(timeout=5) is None
+    tier.flush()  # nothing queued: returns at once
+    tier.close()  # idempotent

@@ -64,6 +64,7 @@ class DiskTier(StorageTier):
         self._pending: dict[CacheEngineKey, bytes] = {}  # puts queued or being written
         self._used_bytes = 0  # indexed plus pending: what the budget bounds
         self._lock = threading.Lock()
+        self._closed = False
         self._warned = False
         self._queue: PriorityQueue[tuple[int, int, Callable[[], None] | None]] = PriorityQueue()
         self._seq = count()  # FIFO among equal priorities
@@ -111,7 +112,17 @@ class DiskTier(StorageTier):
     def get_async(self, key: CacheEngineKey) -> Future[bytes | None]:
         """Read ahead of need, before every queued delete and put."""
         future: Future[bytes | None] = Future()
-        self._submit(Priority.PREFETCH, lambda: future.set_result(self.get(key)))
+
+        def prefetch() -> None:
+            try:
+                future.set_result(self.get(key))
+            except Exception as exc:  # the waiter must learn of any failure, or it waits forever
+                future.set_exception(exc)
+
+        if self._closed:
+            future.set_result(None)
+        else:
+            self._submit(Priority.PREFETCH, prefetch)
         return future
 
     def put(self, key: CacheEngineKey, entry: bytes) -> bool:
@@ -119,7 +130,8 @@ class DiskTier(StorageTier):
             if key in self._index or key in self._pending:
                 self._policy.on_put(key)
                 return True
-            victims = self._reserve(len(entry)) if self._usable else None
+            # After close() no worker would write it: refuse rather than lose it silently.
+            victims = self._reserve(len(entry)) if self._usable and not self._closed else None
             if victims is None:
                 self.metrics.failed_puts += 1
                 return False
@@ -148,6 +160,9 @@ class DiskTier(StorageTier):
         self._queue.join()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for _ in self._workers:
             self._submit(Priority.STOP, None)
         for worker in self._workers:
