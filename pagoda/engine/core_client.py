@@ -22,7 +22,6 @@ import zmq.asyncio
 
 from pagoda.config import PagodaConfig
 from pagoda.engine.arg_utils import ENGINE_MODES
-from pagoda.engine.core import EngineCore
 from pagoda.engine.core_proc import EngineProcess
 from pagoda.engine.exceptions import EngineDeadError
 from pagoda.engine.messages import (
@@ -69,6 +68,9 @@ class InprocClient(EngineCoreClient):
     """`get_output` runs one `EngineCore.step()` in this process."""
 
     def __init__(self, config: PagodaConfig) -> None:
+        # Imported here: EngineCore brings torch and the model code, which a front end never needs.
+        from pagoda.engine.core import EngineCore
+
         self.engine_core = EngineCore(config)
 
     def add_request(self, request: EngineCoreRequest) -> None:

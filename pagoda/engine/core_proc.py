@@ -32,7 +32,6 @@ import zmq
 from pagoda import envs
 from pagoda.config import PagodaConfig
 from pagoda.core.outputs import EngineCoreOutput, FinishReason
-from pagoda.engine.core import EngineCore
 from pagoda.engine.exceptions import EngineDeadError
 from pagoda.engine.messages import (
     EngineCoreHandshake,
@@ -55,6 +54,9 @@ class EngineCoreProc:
     """Runs `EngineCore` in this process, fed by the input socket, reporting on the output socket."""
 
     def __init__(self, config: PagodaConfig, input_socket: zmq.Socket, output_socket: zmq.Socket) -> None:
+        # Imported here: EngineCore brings torch and the model code, which a front end never needs.
+        from pagoda.engine.core import EngineCore
+
         self.engine_core = EngineCore(config)
         self.input_socket = input_socket
         self.output_socket = output_socket

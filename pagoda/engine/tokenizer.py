@@ -6,16 +6,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 ChatMessage = dict[str, Any]
 
 
 def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if not tokenizer.is_fast:
+    # tokenizer.json carries everything (BOS rule included); AutoTokenizer would also import torch
+    # through AutoConfig, which a front end without a model does not need.
+    if not (Path(model_path) / "tokenizer.json").is_file():
         raise ValueError(f"{model_path}: Pagoda needs a fast tokenizer (tokenizer.json)")
-    return tokenizer
+    return PreTrainedTokenizerFast.from_pretrained(str(model_path))
 
 
 def load_tokenizer_in_background(model_path: str | Path) -> Future[PreTrainedTokenizerBase]:

@@ -3,17 +3,28 @@
 Public entry points: `resolve_model` (alias / folder / .gguf -> folder),
 `load_hf_config`, `load_model` (folder -> model on a device), and the
 `AttentionContext` / `AttentionLayerSpec` contract the worker implements.
+They load on first use, so resolving a converted model (as the HTTP front
+end does) never imports torch.
 """
 
-from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
-from pagoda.models.loader import load_hf_config, load_model
-from pagoda.models.resolve import MODEL_ALIASES, resolve_model
+from __future__ import annotations
 
-__all__ = [
-    "MODEL_ALIASES",
-    "AttentionContext",
-    "AttentionLayerSpec",
-    "load_hf_config",
-    "load_model",
-    "resolve_model",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MODEL_ALIASES": "pagoda.models.resolve",
+    "resolve_model": "pagoda.models.resolve",
+    "AttentionContext": "pagoda.models.interfaces",
+    "AttentionLayerSpec": "pagoda.models.interfaces",
+    "load_hf_config": "pagoda.models.loader",
+    "load_model": "pagoda.models.loader",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pagoda.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+# Part of the cache key of converted folders: bump it when the converter's output changes.
+CONVERTER_VERSION = 1
+
 SUPPORTED_GGUF_ARCHITECTURES = ("gemma3", "llama")
 _REQUIRED = object()
 

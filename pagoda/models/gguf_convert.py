@@ -30,9 +30,6 @@ from tqdm import tqdm
 from pagoda.models.gguf_config import hf_config_from_gguf
 from pagoda.models.gguf_tokenizer import write_tokenizer
 
-# Part of the cache key of converted folders: bump it when the output changes.
-CONVERTER_VERSION = 1
-
 _MAX_SHARD_BYTES = 1 << 30
 # The tokenizer arrays are huge and read by the tokenizer conversion itself.
 _BULKY_KEYS = frozenset(f"tokenizer.ggml.{name}" for name in ("tokens", "scores", "token_type", "merges"))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pagoda.envs import cache_dir
-from pagoda.models.gguf_convert import CONVERTER_VERSION, convert_gguf
+from pagoda.models.gguf_config import CONVERTER_VERSION
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -82,6 +82,9 @@ def converted_folder(gguf_path: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        # Imported here: the converter needs torch; resolving an already converted model does not.
+        from pagoda.models.gguf_convert import convert_gguf
+
         convert_gguf(gguf_path, scratch)
         try:
             scratch.rename(target)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from tiny_gguf import write_tiny_gguf
 
-import pagoda.models.resolve as resolve
 from pagoda.models.resolve import MODEL_ALIASES, resolve_model
 
 
@@ -92,7 +91,7 @@ def test_conversion_is_cached(tiny_llama: Path, cache: Path, monkeypatch: pytest
     def no_conversion(*_: object) -> None:
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(resolve, "convert_gguf", no_conversion)
+    monkeypatch.setattr("pagoda.models.gguf_convert.convert_gguf", no_conversion)
     assert resolve_model(str(tiny_llama)) == first
     assert [p.name for p in cache.iterdir()] == [first.name]
 
