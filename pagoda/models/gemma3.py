@@ -14,14 +14,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from pagoda.models.causal_lm import CausalLM
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
 from pagoda.models.layers import (
-    PACKED_MODULES_MAPPING,
     Attention,
     GatedMLP,
     GemmaRMSNorm,
     RotaryEmbedding,
-    compute_logits,
 )
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -99,19 +98,16 @@ class Gemma3TextModel(nn.Module):
         return self.norm(hidden)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLM):
     """Gemma 3 text decoder; `forward` returns final hidden states, `compute_logits` the float32 logits."""
 
-    packed_modules_mapping = PACKED_MODULES_MAPPING
-
     def __init__(self, config: dict) -> None:
-        super().__init__()
         if config.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention is not supported for Gemma3ForCausalLM")
         layer_types = gemma3_layer_types(config)
         num_heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
-        self.specs = [
+        specs = [
             AttentionLayerSpec(
                 num_heads=num_heads,
                 num_kv_heads=config.get("num_key_value_heads") or num_heads,
@@ -122,23 +118,5 @@ class Gemma3ForCausalLM(nn.Module):
             )
             for kind in layer_types
         ]
-        self.model = Gemma3TextModel(config, self.specs, layer_types)
-        self.final_logit_softcapping = config.get("final_logit_softcapping")
-        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", True))
-        self.lm_head = (
-            None if self.tie_word_embeddings else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
-        )
-        # A tied checkpoint may still carry a copy of the embedding as lm_head.
-        self.ignored_weights = frozenset({"lm_head.weight"} if self.tie_word_embeddings else ())
-
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
-        """input_ids and positions [T] -> hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions, attention)
-
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [N, hidden_size] -> float32 logits [N, vocab_size], soft-capped when the config says so."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return compute_logits(hidden, weight, self.final_logit_softcapping)
-
-    def attention_layer_specs(self) -> list[AttentionLayerSpec]:
-        return list(self.specs)
+        super().__init__(config, Gemma3TextModel(config, specs, layer_types), specs, tie_by_default=True,
+                         final_logit_softcap=config.get("final_logit_softcapping"))

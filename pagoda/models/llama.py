@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from pagoda.models.causal_lm import CausalLM
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
 from pagoda.models.layers import (
-    PACKED_MODULES_MAPPING,
     Attention,
     GatedMLP,
     RMSNorm,
     RotaryEmbedding,
-    compute_logits,
 )
 
 
@@ -55,13 +54,10 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Llama decoder; `forward` returns final hidden states, `compute_logits` the float32 logits."""
 
-    packed_modules_mapping = PACKED_MODULES_MAPPING
-
     def __init__(self, config: dict) -> None:
-        super().__init__()
         num_heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
         spec = AttentionLayerSpec(
@@ -70,23 +66,5 @@ class LlamaForCausalLM(nn.Module):
             head_dim=head_dim,
             scale=head_dim**-0.5,
         )
-        self.specs = [spec] * config["num_hidden_layers"]
-        self.model = LlamaModel(config, self.specs)
-        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
-        self.lm_head = (
-            None if self.tie_word_embeddings else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
-        )
-        # A tied checkpoint may still carry a copy of the embedding as lm_head.
-        self.ignored_weights = frozenset({"lm_head.weight"} if self.tie_word_embeddings else ())
-
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
-        """input_ids and positions [T] -> hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions, attention)
-
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return compute_logits(hidden, weight, None)
-
-    def attention_layer_specs(self) -> list[AttentionLayerSpec]:
-        return list(self.specs)
+        specs = [spec] * config["num_hidden_layers"]
+        super().__init__(config, LlamaModel(config, specs), specs, tie_by_default=False)

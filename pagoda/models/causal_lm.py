@@ -1,0 +1,37 @@
+"""Models layer: what every decoder model shares — the (possibly tied) LM head and the worker-facing methods."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
+from pagoda.models.layers import PACKED_MODULES_MAPPING, compute_logits
+
+
+class CausalLM(nn.Module):
+    """A decoder stack (`model`, with `embed_tokens`) plus the LM head; subclasses build the stack."""
+
+    packed_modules_mapping = PACKED_MODULES_MAPPING
+
+    def __init__(self, config: dict, model: nn.Module, specs: list[AttentionLayerSpec], tie_by_default: bool,
+                 final_logit_softcap: float | None = None) -> None:
+        super().__init__()
+        self.specs = specs
+        self.model = model
+        self.final_logit_softcap = final_logit_softcap
+        tied = bool(config.get("tie_word_embeddings", tie_by_default))
+        self.lm_head = None if tied else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        # A tied checkpoint may still carry a copy of the embedding as lm_head.
+        self.ignored_weights = frozenset({"lm_head.weight"} if tied else ())
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
+        """input_ids and positions [T] -> hidden states [T, hidden_size]."""
+        return self.model(input_ids, positions, attention)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size], soft-capped when the config says so."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return compute_logits(hidden, weight, self.final_logit_softcap)
+
+    def attention_layer_specs(self) -> list[AttentionLayerSpec]:
+        return list(self.specs)
