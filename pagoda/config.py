@@ -14,6 +14,8 @@ from typing import Literal
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _HASH_ALGOS = ("sha256", "xxhash")
+_QUANTIZATIONS = (None, "int8")
+KV_LOAD_MODES = ("layerwise", "bulk", "async")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -33,9 +35,13 @@ class ModelConfig:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     seed: int = 0
+    # Weight-only quantization of the linear layers: None (the dtype above) or "int8".
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES[1:], f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        _require(self.quantization in _QUANTIZATIONS,
+                 f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         _require(self.max_model_len >= 1, f"max_model_len must be positive, got {self.max_model_len}")
 
 
@@ -81,14 +87,43 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class KVTransferConfig:
+    """The tiered KV store behind the KV connector.
+
+    `kv_store` is the tier list (syntax in `pagoda.kvstore.config`). In the
+    layerwise and bulk load modes a hit is loaded inside the step that
+    computes the rest of the prompt (layer by layer, overlapping the forward
+    pass, or all layers before it); in async mode the request waits in
+    WAITING_FOR_REMOTE_KVS while its KV loads and other requests keep running.
+    """
+
+    kv_store: str
+    chunk_size: int = 256
+    load_mode: str = "layerwise"
+
+    def __post_init__(self) -> None:
+        from pagoda.kvstore.config import parse_kv_store_spec
+
+        parse_kv_store_spec(self.kv_store)  # raises ValueError naming the bad item
+        _require(self.chunk_size > 0, f"kv_store_chunk_size must be positive, got {self.chunk_size}")
+        _require(self.load_mode in KV_LOAD_MODES,
+                 f"kv_store_load_mode must be one of {KV_LOAD_MODES}, got {self.load_mode!r}")
+
+
+@dataclass(frozen=True)
 class PagodaConfig:
     """The whole tree, passed to the engine."""
 
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_transfer_config: KVTransferConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_transfer_config is not None:
+            _require(self.kv_transfer_config.chunk_size % self.cache_config.block_size == 0,
+                     f"kv_store_chunk_size ({self.kv_transfer_config.chunk_size}) must be a multiple of "
+                     f"block_size ({self.cache_config.block_size})")
         # The input processor checks prompts against the model's limit, the scheduler and worker size by theirs.
         _require(self.model_config.max_model_len == self.scheduler_config.max_model_len,
                  f"ModelConfig.max_model_len ({self.model_config.max_model_len}) differs from "

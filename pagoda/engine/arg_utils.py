@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagoda.config import CacheConfig, ModelConfig, PagodaConfig, SchedulerConfig
+from pagoda.config import CacheConfig, KVTransferConfig, ModelConfig, PagodaConfig, SchedulerConfig
 from pagoda.models.resolve import resolve_model
 
 # Where `LLM` runs EngineCore: in this process, or in its own. AsyncLLM always uses its own.
@@ -40,6 +40,11 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
     engine_mode: str = "inproc"
+    quantization: str | None = None
+    # The tiered KV store, e.g. "cpu:4GiB,disk:/var/cache/pagoda-kv:20GiB"; None: no store.
+    kv_store: str | None = None
+    kv_store_chunk_size: int = 256
+    kv_store_load_mode: str = "layerwise"
 
     def __post_init__(self) -> None:
         if self.engine_mode not in ENGINE_MODES:
@@ -71,6 +76,7 @@ class EngineArgs:
             vocab_size=int(hf_config["vocab_size"]),
             eos_token_ids=eos_ids,
             seed=self.seed,
+            quantization=self.quantization,
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
@@ -86,4 +92,7 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             policy=self.scheduling_policy,
         )
-        return PagodaConfig(model_config, cache_config, scheduler_config)
+        kv_transfer_config = None
+        if self.kv_store is not None:
+            kv_transfer_config = KVTransferConfig(self.kv_store, self.kv_store_chunk_size, self.kv_store_load_mode)
+        return PagodaConfig(model_config, cache_config, scheduler_config, kv_transfer_config)

@@ -37,6 +37,15 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                         default=defaults.enable_chunked_prefill)
+    parser.add_argument("--quantization", choices=["int8"], default=None,
+                        help="weight-only quantization of the linear layers (opt-in)")
+    parser.add_argument("--kv-store", default=None, metavar="TIERS",
+                        help="tiered KV store, fastest first, e.g. "
+                             "cpu:4GiB,disk:/var/cache/pagoda-kv:20GiB,redis://127.0.0.1:6379/0 (see README)")
+    parser.add_argument("--kv-store-chunk-size", type=int, default=defaults.kv_store_chunk_size,
+                        help="tokens per stored chunk (a multiple of --block-size)")
+    parser.add_argument("--kv-store-load-mode", choices=["layerwise", "bulk", "async"],
+                        default=defaults.kv_store_load_mode)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
