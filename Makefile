@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
 run: install
 	$(VENV)/bin/pagoda generate $(MODEL)
