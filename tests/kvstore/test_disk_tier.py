@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import pathlib
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from kvstore_helpers import make_entry, make_key
 
 from pagoda.kvstore.keys import CacheEngineKey
+from pagoda.kvstore.storage_manager import StorageManager
 from pagoda.kvstore.tiers.disk import DiskTier
 
 ENTRY_SIZE = len(make_entry(make_key(0)))
@@ -79,13 +81,14 @@ def test_corrupt_file_is_dropped_and_counted(tmp_path: Path) -> None:
     (tmp_path / ("0" * 32 + ".kv")).write_bytes(b"not an entry at all")
     tier = DiskTier(tmp_path, 10 * ENTRY_SIZE)
     assert tier.metrics.corrupt_dropped == 1  # the garbage file, at index time
-    assert len(tier) == 2
-    results = {i: tier.get(make_key(i)) for i in range(2)}
+    assert len(tier) == 2  # a flipped payload byte passes the header peek; reads are checked by the manager
+    manager = StorageManager([tier])
+    results = {i: manager.get(make_key(i)) for i in range(2)}
     assert sorted(result is None for result in results.values()) == [False, True]
     assert tier.metrics.corrupt_dropped == 2
-    tier.flush()
+    manager.flush()
     assert len(kv_files(tmp_path)) == 1 and len(tier) == 1
-    tier.close()
+    manager.close()
 
 
 def test_unusable_directory_degrades_gracefully(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -125,12 +128,12 @@ def test_background_work_runs_prefetch_then_delete_then_put(tmp_path: Path, monk
     started, release = threading.Event(), threading.Event()
     real_write, real_get, real_unlink = tier._write, tier.get, pathlib.Path.unlink
 
-    def gated_write(key: CacheEngineKey, entry: bytes, victim_paths: list[Path]) -> None:
+    def gated_write(key: CacheEngineKey, entry: bytes, victims: list[CacheEngineKey]) -> None:
         if key == make_key("blocker"):
             started.set()
             release.wait(timeout=5)
         log.append(("put", key))
-        real_write(key, entry, victim_paths)
+        real_write(key, entry, victims)
 
     def logged_get(key: CacheEngineKey) -> bytes | None:
         log.append(("prefetch", key))
@@ -166,10 +169,10 @@ def test_remove_while_queued_leaves_no_file(tmp_path: Path, monkeypatch: pytest.
     started, release = threading.Event(), threading.Event()
     real_write = tier._write
 
-    def gated_write(key: CacheEngineKey, entry: bytes, victim_paths: list[Path]) -> None:
+    def gated_write(key: CacheEngineKey, entry: bytes, victims: list[CacheEngineKey]) -> None:
         started.set()
         release.wait(timeout=5)
-        real_write(key, entry, victim_paths)
+        real_write(key, entry, victims)
 
     monkeypatch.setattr(tier, "_write", gated_write)
     tier.put(make_key(0), make_entry(make_key(0)))
@@ -190,3 +193,43 @@ def test_put_and_prefetch_after_close_are_refused_not_lost(tmp_path):
     assert tier.get_async(key).result(timeout=5) is None
     tier.flush()  # nothing queued: returns at once
     tier.close()  # idempotent
+
+
+def test_a_queued_delete_never_removes_a_later_put_of_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path, 10 * ENTRY_SIZE, num_workers=2)
+    key, entry = make_key("k"), make_entry(make_key("k"))
+    put_all(tier, ["k"])
+    path = tier._path_for(key)
+    blockers = [make_key(f"blocker-{i}") for i in range(2)]
+    started = {blocker: threading.Event() for blocker in blockers}
+    release = threading.Event()
+    real_write, real_unlink = tier._write, pathlib.Path.unlink
+
+    def gated_write(written: CacheEngineKey, data: bytes, victims: list[CacheEngineKey]) -> None:
+        if written in started:
+            started[written].set()
+            release.wait(timeout=5)
+        real_write(written, data, victims)
+
+    def slow_unlink(self: Path, missing_ok: bool = False) -> None:
+        # The worst timing for a delete of the old file: it lands after the new file is indexed.
+        if self == path:
+            deadline = time.monotonic() + 5
+            while key not in tier._index and time.monotonic() < deadline:
+                time.sleep(0.005)
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(tier, "_write", gated_write)
+    monkeypatch.setattr(pathlib.Path, "unlink", slow_unlink)
+    for blocker in blockers:  # both workers busy: the delete and the re-put then run side by side
+        tier.put(blocker, make_entry(blocker))
+    assert all(event.wait(timeout=5) for event in started.values())
+    assert tier.remove(key)
+    assert tier.put(key, entry)
+    release.set()
+    tier.flush()
+    assert path.exists()
+    assert tier.get(key) == entry
+    tier.close()

@@ -9,22 +9,33 @@ its capability attributes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 from pagoda.kvstore.keys import CacheEngineKey
 
 
 @dataclass(slots=True)
 class TierMetrics:
-    """Counters of one tier since it was created; the tier and the storage manager both add to them."""
+    """Counters of one tier since it was created; the tier, the storage manager and the connector add to them."""
 
-    lookups: int = 0
-    hits: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
+    lookups: int = 0  # keys this tier was asked about (get, contains, prefix lookup)
+    hits: int = 0  # of those, the keys it had
+    hit_tokens: int = 0  # tokens whose KV the connector loaded from this tier
+    bytes_in: int = 0  # entry bytes stored into the tier
+    bytes_out: int = 0  # entry bytes served from the tier
+    loads: int = 0  # entries served by get, checked
+    load_seconds: float = 0.0  # time spent reading and checking those entries
+    saves: int = 0  # entries the tier accepted
+    save_seconds: float = 0.0  # time spent in accepted puts (queueing only, for tiers with async puts)
     evictions: int = 0
-    corrupt_dropped: int = 0
-    failed_puts: int = 0
+    corrupt_dropped: int = 0  # entries that failed their checks and were dropped
+    failed_puts: int = 0  # puts refused (full, down) or failed
+    errors: int = 0  # unexpected exceptions the tier raised, each treated as a miss
+
+    def as_dict(self) -> dict[str, float]:
+        """Every counter as a plain number, for /metrics and `LLM.get_metrics()`."""
+        return {field.name: float(getattr(self, field.name)) for field in fields(self)}
 
 
 class StorageTier(ABC):
@@ -49,9 +60,13 @@ class StorageTier(ABC):
     def contains(self, key: CacheEngineKey) -> bool:
         """Whether `get(key)` would currently find an entry."""
 
+    def contains_many(self, keys: Sequence[CacheEngineKey]) -> list[bool]:
+        """`contains` for each key; remote tiers override it to ask in one round trip."""
+        return [self.contains(key) for key in keys]
+
     @abstractmethod
     def get(self, key: CacheEngineKey) -> bytes | None:
-        """The stored entry bytes, or None when absent or unreadable."""
+        """The stored entry bytes, unchecked (the storage manager checks them), or None when absent or unreadable."""
 
     @abstractmethod
     def put(self, key: CacheEngineKey, entry: bytes) -> bool:
@@ -60,6 +75,9 @@ class StorageTier(ABC):
     @abstractmethod
     def remove(self, key: CacheEngineKey) -> bool:
         """Forget an entry; False when it was absent or cannot be removed now (pinned or referenced)."""
+
+    def flush(self) -> None:
+        """Wait until every accepted put is stored; tiers that write synchronously have nothing to wait for."""
 
     @abstractmethod
     def close(self) -> None:

@@ -10,7 +10,13 @@ are unlinked by the put's own task before the new file is written.
 Files are self-describing (the header holds the key), so the index is
 rebuilt from the directory on restart and KV survives the process. Storage
 faults (disk full, permission denied, a missing directory) drop the put with
-one logged warning; a file failing its checks is deleted and counted.
+one logged warning. A file whose header is wrong is deleted and counted when
+the index is rebuilt; full checks happen once per read, in the storage
+manager, which removes an entry that fails them.
+
+Every unlink of an entry's file happens under the lock and only while the
+key is neither indexed nor queued, so a delete or eviction still queued when
+the same key is put again can never remove the new file.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from itertools import count
 from pathlib import Path
 from queue import PriorityQueue
 
-from pagoda.kvstore.entry import CorruptEntryError, decode_entry, peek_entry_key
+from pagoda.kvstore.entry import CorruptEntryError, peek_entry_key
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.policies import make_policy
 from pagoda.kvstore.tiers.base import StorageTier
@@ -96,21 +102,13 @@ class DiskTier(StorageTier):
                 return None
             self._policy.on_access(key)
         try:
-            data = self._path_for(key).read_bytes()
-            decode_entry(data, key)
+            return self._path_for(key).read_bytes()
         except OSError:
             self._forget(key)  # deleted or unreadable behind our back: a miss
             return None
-        except CorruptEntryError as exc:
-            logger.warning("KV disk tier: dropping corrupt entry %s: %s", key.to_string(), exc)
-            self._forget(key)
-            self.metrics.corrupt_dropped += 1
-            self._submit(Priority.DELETE, lambda: self._path_for(key).unlink(missing_ok=True))
-            return None
-        return data
 
     def get_async(self, key: CacheEngineKey) -> Future[bytes | None]:
-        """Read ahead of need, before every queued delete and put."""
+        """Read ahead of need, before every queued delete and put; the bytes are unchecked, like `get`'s."""
         future: Future[bytes | None] = Future()
 
         def prefetch() -> None:
@@ -138,8 +136,7 @@ class DiskTier(StorageTier):
             self._pending[key] = entry
             self._used_bytes += len(entry)
             self._policy.on_put(key)
-        victim_paths = [self._path_for(victim) for victim in victims]
-        self._submit(Priority.PUT, lambda: self._write(key, entry, victim_paths))
+        self._submit(Priority.PUT, lambda: self._write(key, entry, victims))
         return True
 
     def remove(self, key: CacheEngineKey) -> bool:
@@ -149,7 +146,7 @@ class DiskTier(StorageTier):
                 self._used_bytes -= len(self._pending.pop(key))
             elif key in self._index:
                 self._used_bytes -= self._index.pop(key)
-                self._submit(Priority.DELETE, lambda: self._path_for(key).unlink(missing_ok=True))
+                self._submit(Priority.DELETE, lambda: self._unlink_unless_stored(key))
             else:
                 return False
             self._policy.on_remove(key)
@@ -188,12 +185,12 @@ class DiskTier(StorageTier):
             self.metrics.evictions += 1
         return victims
 
-    def _write(self, key: CacheEngineKey, entry: bytes, victim_paths: list[Path]) -> None:
+    def _write(self, key: CacheEngineKey, entry: bytes, victims: list[CacheEngineKey]) -> None:
         path = self._path_for(key)
         tmp_path = path.with_suffix(".tmp")
         try:
-            for victim_path in victim_paths:
-                victim_path.unlink(missing_ok=True)
+            for victim in victims:
+                self._unlink_unless_stored(victim)
             tmp_path.write_bytes(entry)
             os.replace(tmp_path, path)  # atomic: a crash leaves no half-written entry under a real name
         except OSError as exc:
@@ -206,6 +203,7 @@ class DiskTier(StorageTier):
                     del self._pending[key]
                     self._used_bytes -= len(entry)
                     self._policy.on_remove(key)
+            self._unlink_unless_stored(key)  # a delete skipped while this put was queued left the older file
             return
         with self._lock:
             # Identity, not presence: the key may have been removed and put again while this write ran.
@@ -213,7 +211,17 @@ class DiskTier(StorageTier):
                 del self._pending[key]
                 self._index[key] = len(entry)
                 return
-        path.unlink(missing_ok=True)  # removed while being written
+        self._unlink_unless_stored(key)  # removed while being written
+
+    def _unlink_unless_stored(self, key: CacheEngineKey) -> None:
+        """Delete the key's file unless the key is indexed or queued again (then the file is, or will be, its own)."""
+        with self._lock:
+            if key in self._index or key in self._pending:
+                return
+            try:
+                self._path_for(key).unlink(missing_ok=True)
+            except OSError as exc:
+                self._warn_once(f"KV disk tier: cannot delete files in {self.directory} ({exc})")
 
     def _forget(self, key: CacheEngineKey) -> None:
         with self._lock:
