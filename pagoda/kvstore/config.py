@@ -1,0 +1,300 @@
+"""KV store layer: the `--kv-store` tier list, parsed into a checked config and built into a StorageManager.
+
+Syntax: comma-separated tiers, fastest first; each tier is one of
+
+    cpu:SIZE                     local CPU memory (at most once, and first when present)
+    disk:PATH:SIZE               local disk directory (at most once)
+    redis://HOST:PORT/DB         a Redis server shared by every engine naming it
+    redis://:PASSWORD@HOST:PORT/DB
+
+followed by any of these `+option` suffixes:
+
+    +policy=lru|fifo|lfu|mru     eviction policy (cpu, disk; default lru)
+    +readonly                    read, never written or removed (disk, redis)
+    +writeonly                   written, never read, e.g. to warm a shared Redis (disk, redis)
+    +namespace=NAME              key namespace shared by the engines that should share KV
+                                 (redis; default pagoda-kv)
+
+SIZE is a number with an optional unit: 4GiB, 512MiB, 1.5GB, 800MB or 1024
+(bytes); units B, KB, MB, GB, TB (powers of 1000) and KiB, MiB, GiB, TiB
+(powers of 1024), case-insensitive. PATH may contain ':' (the size follows
+the last one) but not ',' or '+'; a Redis password containing them must be
+percent-encoded. Example:
+
+    cpu:4GiB,disk:/var/cache/pagoda-kv:20GiB+policy=lfu,redis://127.0.0.1:6379/0+namespace=team
+
+Tiers are named cpu, disk, redis, then redis2, redis3, ... for further Redis
+servers; metrics and per-request hits use these names. The config structs
+are frozen msgspec Structs: picklable and msgspec-encodable (they travel
+inside the engine config to the worker process), checked again whenever
+they are built or decoded, and `str()` renders the canonical spec, which
+parses back to an equal config.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from pagoda.kvstore.policies import make_policy
+from pagoda.kvstore.storage_manager import StorageManager
+from pagoda.kvstore.tiers.base import StorageTier
+from pagoda.kvstore.tiers.cpu import CPUTier
+from pagoda.kvstore.tiers.disk import DiskTier
+from pagoda.kvstore.tiers.redis import RedisTier, redact_url
+
+KINDS = ("cpu", "disk", "redis")
+DEFAULT_POLICY = "lru"
+DEFAULT_NAMESPACE = "pagoda-kv"
+FORMS = "cpu:SIZE, disk:PATH:SIZE or redis://HOST:PORT/DB"
+
+# Largest first: rendering takes the first unit that divides the size exactly, the shortest exact form.
+_UNITS: dict[str, int] = {
+    "TiB": 1 << 40, "TB": 10**12, "GiB": 1 << 30, "GB": 10**9, "MiB": 1 << 20, "MB": 10**6,
+    "KiB": 1 << 10, "KB": 10**3, "B": 1,
+}  # fmt: skip
+_UNITS_LOWER = {unit.lower(): factor for unit, factor in _UNITS.items()}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([A-Za-z]*)")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]+")
+# Which options each kind accepts.
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "cpu": ("policy",),
+    "disk": ("policy", "readonly", "writeonly"),
+    "redis": ("readonly", "writeonly", "namespace"),
+}
+_FLAG_OPTIONS = ("readonly", "writeonly")
+_VALUE_OPTIONS = ("policy", "namespace")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like 4GiB, 1.5GB or 1024; ValueError naming the text otherwise."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    expected = "a number with an optional unit B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. 4GiB, 512MiB, 1.5GB, 1024)"
+    if match is None or match.group(2).lower() not in {"", *_UNITS_LOWER}:
+        raise ValueError(f"bad size {text!r}: expected {expected}")
+    try:
+        num_bytes = Decimal(match.group(1)) * _UNITS_LOWER.get(match.group(2).lower(), 1)
+    except InvalidOperation:
+        raise ValueError(f"bad size {text!r}: expected {expected}") from None
+    if num_bytes != num_bytes.to_integral_value():
+        raise ValueError(f"bad size {text!r}: not a whole number of bytes")
+    if num_bytes <= 0:
+        raise ValueError(f"bad size {text!r}: must be positive")
+    return int(num_bytes)
+
+
+def format_size(num_bytes: int) -> str:
+    """The shortest exact rendering of a size: 4GiB, 1500MB, 1000."""
+    for unit, factor in _UNITS.items():
+        if factor > 1 and num_bytes % factor == 0:
+            return f"{num_bytes // factor}{unit}"
+    return str(num_bytes)
+
+
+def _check_option_applies(kind: str, option: str) -> None:
+    if option not in _OPTIONS[kind]:
+        why = " (a CPU tier starts empty in each engine)" if option in _FLAG_OPTIONS else ""
+        raise ValueError(
+            f"option +{option} does not apply to a {kind} tier{why}; "
+            f"it takes {', '.join('+' + name for name in _OPTIONS[kind])}"
+        )
+
+
+def _check_redis_url(url: str) -> None:
+    shown = redact_url(url)
+    if not url.startswith("redis://"):
+        raise ValueError(f"bad Redis URL {shown!r}: expected redis://HOST:PORT/DB")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"bad Redis URL {shown!r}: {exc} (expected redis://HOST:PORT/DB)") from None
+    try:
+        parts.port  # noqa: B018  # urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError(f"bad Redis URL {shown!r}: the port must be a number from 0 to 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"bad Redis URL {shown!r}: missing host (expected redis://HOST:PORT/DB)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"bad Redis URL {shown!r}: no query or fragment allowed (options go after '+')")
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"bad Redis URL {shown!r}: the database after '/' must be a number, got {database!r}")
+
+
+class TierSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One tier of the store; fields that do not apply to its kind stay None."""
+
+    kind: str
+    size_bytes: int | None = None  # cpu, disk
+    path: str | None = None  # disk
+    url: str | None = None  # redis
+    policy: str = DEFAULT_POLICY  # cpu, disk
+    readonly: bool = False
+    writeonly: bool = False
+    namespace: str = DEFAULT_NAMESPACE  # redis
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown tier kind {self.kind!r}; expected {FORMS}")
+        if (self.size_bytes is not None) != (self.kind in ("cpu", "disk")):
+            raise ValueError(f"a {self.kind} tier {'needs' if self.size_bytes is None else 'takes no'} size")
+        if self.size_bytes is not None and self.size_bytes <= 0:
+            raise ValueError(f"size must be positive, got {self.size_bytes}")
+        if (self.path is not None) != (self.kind == "disk"):
+            raise ValueError(f"a {self.kind} tier {'needs' if self.path is None else 'takes no'} path")
+        if self.path is not None and (not self.path or "," in self.path or "+" in self.path):
+            raise ValueError(f"disk path must be non-empty without ',' or '+', got {self.path!r}")
+        if (self.url is not None) != (self.kind == "redis"):
+            raise ValueError(f"a {self.kind} tier {'needs' if self.url is None else 'takes no'} URL")
+        if self.url is not None:
+            _check_redis_url(self.url)
+        if self.policy != DEFAULT_POLICY:
+            _check_option_applies(self.kind, "policy")
+            make_policy(self.policy)  # ValueError listing the policies
+            if self.policy != self.policy.lower():
+                raise ValueError(f"policy must be lower case, got {self.policy!r}")
+        if self.readonly:
+            _check_option_applies(self.kind, "readonly")
+        if self.writeonly:
+            _check_option_applies(self.kind, "writeonly")
+        if self.readonly and self.writeonly:
+            raise ValueError("+readonly and +writeonly cannot be combined (the tier would be neither read nor written)")
+        if self.namespace != DEFAULT_NAMESPACE:
+            _check_option_applies(self.kind, "namespace")
+            if not _NAMESPACE_RE.fullmatch(self.namespace):
+                raise ValueError(f"namespace must be letters, digits or '._:-', got {self.namespace!r}")
+
+    def __str__(self) -> str:
+        if self.kind == "cpu":
+            text = f"cpu:{format_size(self.size_bytes or 0)}"
+        elif self.kind == "disk":
+            text = f"disk:{self.path}:{format_size(self.size_bytes or 0)}"
+        else:
+            text = self.url or ""
+        if self.policy != DEFAULT_POLICY:
+            text += f"+policy={self.policy}"
+        text += "+readonly" * self.readonly + "+writeonly" * self.writeonly
+        if self.namespace != DEFAULT_NAMESPACE:
+            text += f"+namespace={self.namespace}"
+        return text
+
+
+class KVStoreConfig(msgspec.Struct, frozen=True):
+    """The tiers of the store, fastest first."""
+
+    tiers: tuple[TierSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError(f"the KV store needs at least one tier: {FORMS}")
+        seen: set[tuple[str, str | None, str]] = set()
+        for position, tier in enumerate(self.tiers):
+            shown = redact_url(str(tier))
+            # cpu and disk at most once; Redis once per server and namespace.
+            identity = (tier.kind, tier.url, tier.namespace if tier.kind == "redis" else "")
+            if identity in seen:
+                what = "Redis URL and namespace" if tier.kind == "redis" else f"{tier.kind} tier"
+                raise ValueError(f"{shown!r} repeats a {what} listed before; each may appear once")
+            seen.add(identity)
+            if tier.kind == "cpu" and position > 0:
+                raise ValueError(f"the cpu tier {shown!r} must come first (tiers are listed fastest first)")
+
+    def tier_names(self) -> list[str]:
+        """Each tier's name, as metrics and store hits report it: cpu, disk, redis, redis2, ..."""
+        names: list[str] = []
+        counts: dict[str, int] = {}
+        for tier in self.tiers:
+            counts[tier.kind] = counts.get(tier.kind, 0) + 1
+            names.append(tier.kind if counts[tier.kind] == 1 else f"{tier.kind}{counts[tier.kind]}")
+        return names
+
+    def __str__(self) -> str:
+        return ",".join(str(tier) for tier in self.tiers)
+
+
+def _parse_options(kind: str, suffixes: list[str]) -> dict[str, Any]:
+    """TierSpec keyword arguments from `+option` suffixes, each known, applicable to `kind` and given once."""
+    options: dict[str, Any] = {}
+    known = (*_VALUE_OPTIONS, *_FLAG_OPTIONS)
+    for suffix in suffixes:
+        name, has_value, value = suffix.partition("=")
+        if name not in known:
+            raise ValueError(f"unknown option +{suffix}; expected {', '.join('+' + option for option in known)}")
+        if name in options:
+            raise ValueError(f"option +{name} is given twice")
+        _check_option_applies(kind, name)
+        if name in _FLAG_OPTIONS:
+            if has_value:
+                raise ValueError(f"option +{name} takes no value, got +{suffix}")
+            options[name] = True
+        elif not value:
+            raise ValueError(f"option +{name} needs a value, e.g. +{name}={'lfu' if name == 'policy' else 'team'}")
+        else:
+            # Policy names are case-insensitive; the canonical form is lower case.
+            options[name] = value.lower() if name == "policy" else value
+    return options
+
+
+def _parse_tier(item: str) -> TierSpec:
+    base, *suffixes = item.split("+")
+    if base.startswith("redis://"):
+        return TierSpec(kind="redis", url=base, **_parse_options("redis", suffixes))
+    kind, _, rest = base.partition(":")
+    if kind == "cpu":
+        if not rest:
+            raise ValueError("missing size: expected cpu:SIZE, e.g. cpu:4GiB")
+        return TierSpec(kind="cpu", size_bytes=parse_size(rest), **_parse_options("cpu", suffixes))
+    if kind == "disk":
+        path, colon, size = rest.rpartition(":")
+        if not colon or not path or not size:
+            missing = "path and size" if not colon else "path" if not path else "size"
+            raise ValueError(f"missing {missing}: expected disk:PATH:SIZE, e.g. disk:/var/cache/pagoda-kv:20GiB")
+        return TierSpec(kind="disk", path=path, size_bytes=parse_size(size), **_parse_options("disk", suffixes))
+    if kind == "redis":
+        raise ValueError("expected redis://HOST:PORT/DB")
+    raise ValueError(f"unknown tier kind {kind!r}; expected {FORMS}")
+
+
+def parse_kv_store_spec(spec: str) -> KVStoreConfig:
+    """The config a `--kv-store` string describes; ValueError naming the bad item and what was expected."""
+    if not spec.strip():
+        raise ValueError(f"--kv-store is empty; expected comma-separated tiers: {FORMS}")
+    tiers: list[TierSpec] = []
+    for position, raw_item in enumerate(spec.split(","), start=1):
+        item = raw_item.strip()
+        if not item:
+            raise ValueError(f"--kv-store {spec!r}: tier {position} is empty; expected {FORMS}")
+        try:
+            tiers.append(_parse_tier(item))
+        except ValueError as exc:
+            raise ValueError(f"--kv-store item {redact_url(item)!r}: {exc}") from None
+    try:
+        return KVStoreConfig(tuple(tiers))
+    except ValueError as exc:
+        raise ValueError(f"--kv-store: {exc}") from None
+
+
+def build_storage_manager(config: KVStoreConfig) -> StorageManager:
+    """Open every tier of `config` and order them in a StorageManager."""
+    tiers: list[StorageTier] = []
+    names = config.tier_names()
+    try:
+        for spec, name in zip(config.tiers, names):
+            if spec.kind == "cpu":
+                tiers.append(CPUTier(spec.size_bytes or 0, spec.policy))
+            elif spec.kind == "disk":
+                tiers.append(DiskTier(Path(spec.path or "").expanduser(), spec.size_bytes or 0, spec.policy))
+            else:
+                tiers.append(RedisTier(spec.url or "", spec.namespace, name=name))
+    except BaseException:
+        for tier in tiers:  # the disk tier runs threads: never leave them behind a failed build
+            tier.close()
+        raise
+    readonly = [name for spec, name in zip(config.tiers, names) if spec.readonly]
+    writeonly = [name for spec, name in zip(config.tiers, names) if spec.writeonly]
+    return StorageManager(tiers, readonly=readonly, writeonly=writeonly)
