@@ -1,7 +1,8 @@
 """KV store layer: keeps KV for token prefixes outside the engine's paged cache, in tiers.
 
-The pieces here are a library: chunk keys (`keys`, `token_database`), stored
-entry format (`entry`), eviction policies (`policies`), tiers (`tiers/`) and
-the `storage_manager` that orders them. The engine does not use them yet; a
-KV connector will be its only door to the store.
+Chunk keys (`keys`, `token_database`), the stored entry format (`entry`),
+eviction policies (`policies`), tiers (`tiers/`: CPU memory, disk, Redis),
+the `storage_manager` that orders them, the `--kv-store` syntax (`config`)
+and the cross-process prefix lookup (`lookup`). The engine reaches all of it
+through the KV connector (`pagoda.kv_connector`). Nothing here imports torch.
 """

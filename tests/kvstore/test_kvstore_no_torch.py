@@ -1,4 +1,4 @@
-"""The key, policy and token-database half of kvstore/ is pure Python: importing it must not load torch."""
+"""kvstore/ is pure Python: importing any of it (the scheduler side does) must not load torch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ _SCRIPT = """
 import sys
 import pagoda.kvstore.keys, pagoda.kvstore.policies, pagoda.kvstore.token_database
 import pagoda.kvstore.entry, pagoda.kvstore.storage_manager
-import pagoda.kvstore.tiers.cpu, pagoda.kvstore.tiers.disk
+import pagoda.kvstore.tiers.cpu, pagoda.kvstore.tiers.disk, pagoda.kvstore.tiers.redis
+import pagoda.kvstore.config, pagoda.kvstore.lookup
 assert "torch" not in sys.modules, "torch was imported"
 print("ok")
 """

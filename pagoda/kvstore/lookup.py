@@ -1,0 +1,204 @@
+"""KV store layer: prefix lookup across processes, a ZMQ REQ/REP pair speaking msgspec.
+
+The scheduler decides how many prompt tokens the store can supply, but the
+store lives with the workers. `LookupServer` runs beside the worker's
+StorageManager and answers "how many leading chunks are present?";
+`LookupClient` asks from the scheduler without importing any worker state.
+A request carries one key template (the key fields shared by every chunk)
+and the chunk hashes, not whole keys, which keeps it small.
+
+A lookup that times out or fails is answered 0: the request recomputes its
+prompt, nothing waits on a dead worker. The client then replaces its socket,
+because a REQ socket that sent without receiving accepts nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from pagoda.kvstore.keys import CacheEngineKey
+from pagoda.kvstore.storage_manager import StorageManager
+
+logger = logging.getLogger(__name__)
+
+# How often the server thread checks for close(): the longest close() waits.
+_POLL_INTERVAL_MS = 100
+
+
+class LookupRequest(msgspec.Struct, frozen=True, array_like=True):
+    template: CacheEngineKey  # its chunk_hash is unused
+    chunk_hashes: list[bytes]
+    prefetch: bool
+    # Further templates whose entries for the present chunks are prefetched too (e.g. every layer's).
+    prefetch_templates: list[CacheEngineKey] = []
+
+
+class LookupResponse(msgspec.Struct, frozen=True, array_like=True):
+    num_present: int
+
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(LookupRequest)
+_response_decoder = msgspec.msgpack.Decoder(LookupResponse)
+
+
+def _check_address(address: str) -> None:
+    if not address.startswith(("ipc://", "tcp://")):
+        raise ValueError(f"lookup address must be ipc://PATH or tcp://HOST:PORT, got {address!r}")
+
+
+class LookupServer:
+    """Answers lookups from a daemon thread until `close()`."""
+
+    def __init__(self, manager: StorageManager, address: str) -> None:
+        _check_address(address)
+        self.manager = manager
+        self.address = address
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Bind (errors such as an address in use raise here, in the caller) and start serving."""
+        if self._thread is not None:
+            raise RuntimeError(f"lookup server on {self.address} was already started")
+        self._context = zmq.Context()
+        socket = self._context.socket(zmq.REP)
+        socket.linger = 0
+        try:
+            socket.bind(self.address)
+        except zmq.ZMQError:
+            socket.close()
+            self._context.term()
+            self._context = None
+            raise
+        self._thread = threading.Thread(
+            target=self._serve, args=(socket,), name="pagoda-kv-lookup-server", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop within one poll interval; idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+            if self.address.startswith("ipc://"):  # ZMQ leaves the socket file of a closed ipc endpoint behind
+                Path(self.address.removeprefix("ipc://")).unlink(missing_ok=True)
+
+    def _serve(self, socket: zmq.Socket[bytes]) -> None:
+        try:
+            while not self._stop.is_set():
+                if socket.poll(_POLL_INTERVAL_MS, zmq.POLLIN):
+                    # REP must answer every request, or that client's next send fails.
+                    socket.send(_encoder.encode(self._answer(socket.recv())))
+        finally:
+            socket.close()
+
+    def _answer(self, data: bytes) -> LookupResponse:
+        try:
+            request = _request_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            logger.warning("KV lookup server: undecodable request (%s); answering 0", exc)
+            return LookupResponse(0)
+        try:
+            keys = [request.template.with_chunk_hash(chunk_hash) for chunk_hash in request.chunk_hashes]
+            num_present = self.manager.lookup_prefix(keys)
+            if request.prefetch and num_present:
+                present = request.chunk_hashes[:num_present]
+                self.manager.prefetch(keys[:num_present])
+                for template in request.prefetch_templates:
+                    self.manager.prefetch([template.with_chunk_hash(chunk_hash) for chunk_hash in present])
+        except Exception:  # the thread must keep answering; this request is then recomputed
+            logger.exception("KV lookup server: lookup failed; answering 0")
+            return LookupResponse(0)
+        return LookupResponse(num_present)
+
+
+class LookupClient:
+    """Asks a LookupServer; thread-safe, and never waits longer than `timeout_ms` per lookup."""
+
+    def __init__(self, address: str, timeout_ms: int = 2000) -> None:
+        _check_address(address)
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+        self.address = address
+        self.timeout_ms = timeout_ms
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._socket = self._connect()
+        self._lock = threading.Lock()
+        self._failing = False  # the last lookup failed: the warning for this outage was logged
+        self._closed = False
+
+    def lookup(
+        self,
+        keys: Sequence[CacheEngineKey],
+        prefetch: bool = False,
+        prefetch_templates: Sequence[CacheEngineKey] = (),
+    ) -> int:
+        """Number of leading `keys` present in the store; 0 on timeout or error.
+
+        `keys` must differ only in their chunk hash. With `prefetch`, the
+        server also starts promoting the present chunks to its fastest tier,
+        under each key of `prefetch_templates` too.
+        """
+        if not keys:
+            return 0
+        template = keys[0].with_chunk_hash(b"")
+        if any(key.with_chunk_hash(b"") != template for key in keys):
+            raise ValueError("lookup keys must share model, dtype, layout and rank; only chunk hashes may differ")
+        request = _encoder.encode(
+            LookupRequest(template, [key.chunk_hash for key in keys], prefetch, list(prefetch_templates))
+        )
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"lookup client for {self.address} is closed")
+            try:
+                self._socket.send(request)
+                if not self._socket.poll(self.timeout_ms, zmq.POLLIN):
+                    raise TimeoutError(f"no answer within {self.timeout_ms} ms")
+                num_present = _response_decoder.decode(self._socket.recv()).num_present
+                if not 0 <= num_present <= len(keys):
+                    raise ValueError(f"answer {num_present} is outside 0..{len(keys)}")
+            except (zmq.ZMQError, TimeoutError, msgspec.DecodeError, ValueError) as exc:
+                self._socket.close()
+                self._socket = self._connect()
+                self._fail(exc)
+                return 0
+            if self._failing:
+                self._failing = False
+                logger.info("KV lookup client: %s answers again", self.address)
+        return num_present
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._socket.close()
+            self._context.term()
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        socket = self._context.socket(zmq.REQ)
+        socket.linger = 0  # a request nobody will answer must not hold up close()
+        socket.sndtimeo = self.timeout_ms
+        socket.connect(self.address)
+        return socket
+
+    def _fail(self, exc: Exception) -> None:
+        if self._failing:
+            logger.debug("KV lookup client: lookup on %s failed again (%s)", self.address, exc)
+            return
+        self._failing = True
+        logger.warning(
+            "KV lookup client: lookup on %s failed (%s); answering 0, so prompts are recomputed until it answers",
+            self.address, exc,
+        )  # fmt: skip
