@@ -82,6 +82,7 @@ class StorageManager:
         # Counters are bumped from load, save, lookup and prefetch threads; `+=` on an attribute is not atomic.
         self._metrics_lock = threading.Lock()
         self._failed_tiers: set[str] = set()  # tiers that raised: their first failure was logged
+        self._corrupt_tiers: set[str] = set()  # tiers that served a corrupt entry: the first one was logged
         self._prefetch_lock = threading.Lock()
         self._prefetching: set[CacheEngineKey] = set()
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-prefetch")
@@ -192,10 +193,17 @@ class StorageManager:
         try:
             return decode_entry(entry, key)
         except CorruptEntryError as exc:
-            logger.warning("KV store: tier %s returned a corrupt entry for %s (%s); dropping it",
-                           tier.name, key.to_string(), exc)  # fmt: skip
+            error = exc
         with self._metrics_lock:
             tier.metrics.corrupt_dropped += 1
+            first = tier.name not in self._corrupt_tiers
+            self._corrupt_tiers.add(tier.name)
+        # A frozen tier serves the same bad entry on every read: one warning per tier, the rest are counted.
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "KV store: tier %s returned a corrupt entry for %s (%s); dropping it (further ones are only counted, "
+            "in corrupt_dropped)", tier.name, key.to_string(), error,
+        )  # fmt: skip
         if tier.name not in self.readonly:  # a frozen tier keeps it: each read drops it again
             self._remove_from(tier, key)
         return None

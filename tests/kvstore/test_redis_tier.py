@@ -138,7 +138,9 @@ def test_a_server_that_never_answers_costs_one_timeout_then_nothing(caplog: pyte
     assert len(caplog.records) == 1
 
 
-def test_corrupt_entries_in_redis_are_dropped_and_counted(redis_server: RedisServer, client: redis.Redis) -> None:
+def test_corrupt_entries_in_redis_are_dropped_and_counted(
+    redis_server: RedisServer, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     tier = RedisTier(redis_server.url)
     manager = StorageManager([tier])
     flipped, wrong_key, truncated, good = (make_key(name) for name in ("flipped", "wrong", "truncated", "good"))
@@ -147,10 +149,12 @@ def test_corrupt_entries_in_redis_are_dropped_and_counted(redis_server: RedisSer
     client.set(tier.redis_key(flipped), bytes(entry))
     client.set(tier.redis_key(wrong_key), make_entry(good))  # a valid entry, for another key
     client.set(tier.redis_key(truncated), make_entry(truncated)[:-5])
-    for key in (flipped, wrong_key, truncated):
-        assert manager.get(key) is None
-        assert client.exists(tier.redis_key(key)) == 0  # dropped from the shared store too
+    with caplog.at_level(logging.WARNING, logger="pagoda.kvstore"):
+        for key in (flipped, wrong_key, truncated):
+            assert manager.get(key) is None
+            assert client.exists(tier.redis_key(key)) == 0  # dropped from the shared store too
     assert manager.metrics()["redis"].corrupt_dropped == 3
+    assert len(caplog.records) == 1 and "checksum mismatch" in caplog.records[0].getMessage()
     manager.close()
 
 
