@@ -1,4 +1,9 @@
-"""Paged attention (portable path) equals dense causal attention, with and without a sliding window."""
+"""Paged attention equals dense causal attention, with and without a sliding window, on both decode paths.
+
+Decodes run either on the portable PyTorch path or on the CPU kernel
+(`cpu_decode_attention`, skipped where it cannot be built); prefill chunks
+always take the portable path.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,22 @@ import pytest
 import torch
 
 from pagoda.models.interfaces import AttentionLayerSpec
+from pagoda.worker.attention import paged_attention
+from pagoda.worker.attention.cpu_decode_attention import load_cpu_decode_attention
 from pagoda.worker.attention.metadata import build_group_metadata
 from pagoda.worker.attention.paged_attention import PagedAttention
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 8, 4, 64
+# head_dim 64: the smallest the CPU decode kernel takes.
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 64, 4, 64
+
+
+@pytest.fixture(params=["portable", "cpu_kernel"])
+def decode_path(request, monkeypatch) -> str:
+    if request.param == "portable":
+        monkeypatch.setattr(paged_attention, "load_cpu_decode_attention", lambda: None)
+    elif load_cpu_decode_attention() is None:
+        pytest.skip("the CPU decode kernel cannot be built here")
+    return request.param
 
 
 def dense_reference(q, k, v, spec: AttentionLayerSpec) -> torch.Tensor:
@@ -75,7 +92,7 @@ def run_steps(seq_lens: list[int], chunks: list[list[int]], spec: AttentionLayer
 
 @pytest.mark.parametrize("window", [None, 5, 9])
 @pytest.mark.parametrize("softcap", [None, 20.0])
-def test_paged_equals_dense_with_chunked_prefill_and_decodes(window, softcap):
+def test_paged_equals_dense_with_chunked_prefill_and_decodes(window, softcap, decode_path):
     spec = AttentionLayerSpec(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, scale=HEAD_DIM**-0.5,
                               sliding_window=window, logit_softcap=softcap)
     seq_lens = [13, 7, 21]
@@ -93,8 +110,6 @@ def test_paged_equals_dense_with_chunked_prefill_and_decodes(window, softcap):
 
 @pytest.mark.parametrize("shape", [((3, 4, 1, 8), (3, 2, 12, 8)), ((4, 40, 8), (2, 40, 8))])
 def test_matmul_path_equals_sdpa_path(shape):
-    from pagoda.worker.attention import paged_attention
-
     q_shape, kv_shape = shape
     torch.manual_seed(1)
     q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
@@ -107,8 +122,6 @@ def test_matmul_path_equals_sdpa_path(shape):
 
 
 def test_long_prefill_is_split_into_query_chunks(monkeypatch):
-    from pagoda.worker.attention import paged_attention
-
     monkeypatch.setattr(paged_attention, "_MAX_SCORE_ELEMENTS", 4 * 21 * 5)
     spec = AttentionLayerSpec(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, scale=HEAD_DIM**-0.5)
     qkv, outputs = run_steps([21], [[21]], spec)

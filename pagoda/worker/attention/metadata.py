@@ -75,10 +75,14 @@ def _build_decode(block_table: np.ndarray, num_blocks: np.ndarray, num_computed:
     ids = np.where(in_table, block_table[rows[:, None], np.minimum(cols, block_table.shape[1] - 1)], 0)
     key_pos = (cols[:, :, None] * block_size + np.arange(block_size)).reshape(len(rows), -1)
     mask = _key_mask(key_pos, query_pos[:, None], sliding_window)
+    # The same visible keys as `mask`, as one range per row, counted from the row's first listed block.
+    lowest = np.zeros_like(query_pos) if sliding_window is None else np.maximum(query_pos - sliding_window + 1, 0)
+    key_ranges = np.stack((lowest, query_pos + 1), axis=1) - (first * block_size)[:, None]
     return DecodeMetadata(
         token_indices=torch.from_numpy(query_start[rows]).to(device),
         block_ids=torch.from_numpy(ids).to(device),
         mask=torch.from_numpy(mask[:, None, None, :]).to(device),
+        key_ranges=torch.from_numpy(key_ranges).to(device),
     )
 
 

@@ -1,12 +1,14 @@
-"""Worker layer: paged attention over a flat ragged batch, portable PyTorch path.
+"""Worker layer: paged attention over a flat ragged batch.
 
 Each layer writes the step's new keys and values into its paged KV tensor at
 the slots the scheduler assigned, then attends over the blocks each request
-needs. Requests with one query token (decodes) are batched into one
-`scaled_dot_product_attention` call with a padding mask; requests with many
-(prefill chunks) are attended one by one with a causal mask offset by their
-computed tokens. Sliding-window groups only gather the blocks inside the
-window, so their cost stays flat as a sequence grows.
+needs. Requests with one query token (decodes) are batched: on CPU a native
+kernel reads their blocks in place (`cpu_decode_attention`); elsewhere, or
+when the kernel cannot be built, the portable path gathers their blocks and
+runs one padded, masked attention. Requests with many query tokens (prefill
+chunks) are attended one by one with a causal mask offset by their computed
+tokens. Sliding-window groups only gather the blocks inside the window, so
+their cost stays flat as a sequence grows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.models.interfaces import AttentionLayerSpec
+from pagoda.worker.attention.cpu_decode_attention import load_cpu_decode_attention
 
 
 @dataclass
@@ -25,6 +28,7 @@ class DecodeMetadata:
     token_indices: torch.Tensor  # [Rd] positions in the flat batch
     block_ids: torch.Tensor  # [Rd, num_blocks]
     mask: torch.Tensor  # [Rd, 1, 1, num_blocks * block_size] bool, True = attend
+    key_ranges: torch.Tensor  # [Rd, 2] int64: the keys `mask` allows, as [begin, end) over the listed blocks
 
 
 @dataclass
@@ -58,6 +62,8 @@ class PagedAttention:
         self._layer_kv_caches = layer_kv_caches  # per layer: [2, num_blocks, block_size, kv_heads, head_dim]
         self._layer_groups = layer_groups
         self._group_metadata = group_metadata
+        on_cpu = bool(layer_kv_caches) and layer_kv_caches[0].device.type == "cpu"
+        self._decode_kernel = load_cpu_decode_attention() if on_cpu else None
 
     def forward(self, layer_index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         spec = self._layer_specs[layer_index]
@@ -65,9 +71,12 @@ class PagedAttention:
         kv_cache = self._layer_kv_caches[layer_index]
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         write_kv(key_cache, value_cache, key, value, metadata.slot_mapping)
+        query = query.contiguous()
         output = torch.empty_like(query)
-        if metadata.decode is not None:
-            decode = metadata.decode
+        decode = metadata.decode
+        if decode is not None and self._decode_kernel is not None and self._decode_kernel.supports(query, key_cache):
+            self._decode_kernel(query, key_cache, value_cache, output, decode, spec)
+        elif decode is not None:
             q = query[decode.token_indices].unsqueeze(2)  # [Rd, H, 1, D]
             k = _gather(key_cache, decode.block_ids)
             v = _gather(value_cache, decode.block_ids)
