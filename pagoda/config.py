@@ -100,6 +100,8 @@ class KVTransferConfig:
     kv_store: str
     chunk_size: int = 256
     load_mode: str = "layerwise"
+    # Where the scheduler side reaches the store's index (ZMQ); EngineCore picks a private ipc path.
+    lookup_address: str | None = None
 
     def __post_init__(self) -> None:
         from pagoda.kvstore.config import parse_kv_store_spec

@@ -35,6 +35,8 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_cached_tokens: int = 0
+    # Of the cached prompt tokens, those the KV store supplied, by tier name.
+    kv_store_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def time_to_first_token(self) -> float | None:

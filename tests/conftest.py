@@ -59,3 +59,14 @@ def hf_models(model_paths: dict[str, Path]) -> dict:
         name: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         for name, path in model_paths.items()
     }
+
+
+@pytest.fixture
+def redis_server():
+    """A private redis-server on a free loopback port, per test (tests may kill and restart it)."""
+    from redis_server import RedisServer, redis_server_available
+
+    if not redis_server_available():
+        pytest.skip("redis-server is not installed (`make install` installs it)")
+    with RedisServer() as server:
+        yield server

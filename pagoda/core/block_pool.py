@@ -178,7 +178,9 @@ class BlockPool:
         stored: list[int] = []
         for index in range(num_cached_blocks, num_full_blocks):
             block = blocks[index]
-            assert block.block_hash is None and not block.is_null, f"block {block.block_id} cannot be cached"
+            if block.is_null:  # dropped from a sliding window before its (delayed) caching: nothing to keep
+                continue
+            assert block.block_hash is None, f"block {block.block_id} is already cached"
             key = make_block_hash_with_group_id(request.block_hashes[index], group_id)
             if key in self.cached_block_hash_to_block:
                 continue

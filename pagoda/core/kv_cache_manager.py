@@ -92,6 +92,7 @@ class KVCacheManager:
         num_new_tokens: int,
         num_new_computed_tokens: int = 0,
         new_computed_blocks: KVCacheBlocks | None = None,
+        delay_cache_blocks: bool = False,
     ) -> KVCacheBlocks | None:
         """Give the request slots for `num_new_tokens` more tokens; None if the pool is short.
 
@@ -114,6 +115,10 @@ class KVCacheManager:
         admitted later in the same step may reuse them; the worker writes a
         layer's KV for the whole batch before that layer's attention reads it.
 
+        With `delay_cache_blocks` nothing is cached now: the KV of these
+        blocks comes from the KV store and is not known good until the load
+        is confirmed (`commit_loaded_blocks`).
+
         Returns only the blocks allocated now, one list per group.
         """
         if num_new_tokens <= 0:
@@ -135,9 +140,19 @@ class KVCacheManager:
             assert not any(hits), "prefix-cache hits while prefix caching is off"
         self.coordinator.save_new_computed_blocks(request_id, hits)
         new_blocks = self.coordinator.allocate_new_blocks(request_id, num_tokens_need_slot)
-        if self.enable_caching:
+        if self.enable_caching and not delay_cache_blocks:
             self.coordinator.cache_blocks(request, min(num_computed_tokens + num_new_tokens, request.num_tokens))
         return KVCacheBlocks(new_blocks)
+
+    def commit_loaded_blocks(self, request: Request) -> None:
+        """Enter blocks whose KV a confirmed store load (or compute) made valid up to `num_computed_tokens`.
+
+        Sliding-window blocks that fell out of the window first become null
+        blocks: the store never loaded them, so they must not be cached.
+        """
+        self.coordinator.remove_skipped_blocks(request.request_id, request.num_computed_tokens)
+        if self.enable_caching:
+            self.coordinator.cache_blocks(request, min(request.num_computed_tokens, request.num_tokens))
 
     def free(self, request: Request) -> None:
         """Release all blocks of a finished or preempted request (cached ones stay revivable)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from pagoda.kv_connector.metadata import KVConnectorOutput
+
 
 class LogprobsLists(msgspec.Struct, kw_only=True, array_like=True):
     """Per position: the chosen token first, then the top-k, with logprobs and ranks.
@@ -25,3 +27,5 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     logprobs: list[LogprobsLists | None] | None = None
     # Prompt logprobs computed this step, per request that asked for them.
     prompt_logprobs: dict[str, LogprobsLists] = msgspec.field(default_factory=dict)
+    # Loads the KV connector finished this step (None without a connector).
+    kv_connector_output: KVConnectorOutput | None = None

@@ -29,6 +29,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop_reason: int | str | None = None
     # Prompt tokens served from the prefix cache when the request was first scheduled.
     num_cached_tokens: int = 0
+    # Of the cached tokens, those the KV store supplied, by tier name.
+    kv_store_tokens: dict[str, int] = msgspec.field(default_factory=dict)
     error: str | None = None
 
     @property

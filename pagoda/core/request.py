@@ -81,6 +81,8 @@ class Request:
         self.num_computed_tokens = 0
         # Prefix-cache hit in tokens, set when first scheduled; -1 until then.
         self.num_cached_tokens = -1
+        # Of those, prompt tokens whose KV the KV store supplied, by tier name.
+        self.kv_store_tokens: dict[str, int] = {}
         self.num_preemptions = 0
 
         self.block_hashes: list[BlockHash] = []

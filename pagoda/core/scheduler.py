@@ -7,6 +7,13 @@ order; waiting requests are admitted after them while budget, `max_num_seqs`
 and KV blocks last. When blocks run out, the lowest-priority running request
 is preempted: its blocks are freed and it is recomputed later (the prefix
 cache usually makes that cheap).
+
+With a KV connector, a waiting request may get part of its prompt from the
+KV store: loaded inside the step that computes the rest, or, in async mode,
+while the request waits in WAITING_FOR_REMOTE_KVS and others keep running.
+Blocks filled by a load enter the prefix cache only once the worker confirms
+the load; a failed or partial load rewinds the request to the last position
+whose KV arrived whole, and those tokens are recomputed.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from pagoda.core.schedule_plan import SchedulePlan
 from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.core.stats import PrefixCacheStats, SchedulerStats
 from pagoda.core.stop_check import check_stop
+from pagoda.kv_connector.metadata import KVConnectorOutput
+from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
 
 
 class Scheduler:
@@ -37,6 +46,7 @@ class Scheduler:
         kv_cache_config: KVCacheConfig,
         log_stats: bool = True,
         enable_kv_cache_events: bool = False,
+        connector: KVConnectorScheduler | None = None,
     ) -> None:
         if cache_config.block_size != kv_cache_config.block_size:
             raise ValueError(
@@ -53,6 +63,15 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting = create_request_queue(self.policy)
         self.running: list[Request] = []
+        self.connector = connector
+        # Parked while an asynchronous KV store load fills their blocks, with the status to resume with.
+        self.loading: dict[str, tuple[Request, RequestStatus]] = {}
+        # Finished, but a load still writes into their blocks: freed when it ends.
+        self.delayed_free: dict[str, Request] = {}
+        # Admitted this step with KV loaded inside the step: prompt end of the load, until confirmed.
+        self.sync_loads: dict[str, int] = {}
+        # Back from an async load: they hold blocks and computed tokens already, no lookup needed.
+        self.resumed_after_load: set[str] = set()
         # Finished since the previous schedule(): the workers drop their state.
         self.finished_req_ids: set[str] = set()
 
@@ -92,6 +111,9 @@ class Scheduler:
         if plan.num_preempted == 0:
             self._schedule_waiting(plan)
         output = plan.make_scheduler_output(self.kv_cache_manager, self.finished_req_ids)
+        if self.connector is not None:
+            output.kv_connector_metadata = self.connector.build_connector_meta(
+                output.num_scheduled_tokens, self.requests, self.kv_cache_manager.get_block_ids)
         self.finished_req_ids = set()
         # Advance now, as if the step had run, so the next schedule() can
         # already plan the following tokens.
@@ -138,19 +160,38 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: SchedulePlan) -> None:
         max_num_seqs = self.scheduler_config.max_num_seqs
-        while self.waiting and plan.token_budget > 0 and len(self.running) < max_num_seqs:
+        while self.waiting and plan.token_budget > 0 and len(self.running) + len(self.loading) < max_num_seqs:
             request = self.waiting.peek_request()
-            computed_blocks, num_computed_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_external, load_async = 0, False
+            if request.request_id in self.resumed_after_load:
+                computed_blocks, num_computed_tokens = None, request.num_computed_tokens
+            else:
+                computed_blocks, num_computed_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            if self.connector is not None and computed_blocks is not None:
+                num_external, load_async = self.connector.get_num_new_matched_tokens(request, num_computed_tokens)
+            if load_async:
+                if not self._start_async_load(request, computed_blocks, num_computed_tokens, num_external):
+                    break
+                continue
+            num_local = num_computed_tokens
+            num_computed_tokens += num_external
             num_new_tokens = request.num_tokens - num_computed_tokens
             if num_new_tokens > plan.token_budget:
                 if not self.scheduler_config.enable_chunked_prefill:
                     break
                 num_new_tokens = plan.token_budget
             new_blocks = self.kv_cache_manager.allocate_slots(
-                request, num_new_tokens, num_computed_tokens, computed_blocks
+                request, num_new_tokens, num_computed_tokens - request.num_computed_tokens, computed_blocks,
+                delay_cache_blocks=num_external > 0,
             )
             if new_blocks is None:
                 break
+            self.resumed_after_load.discard(request.request_id)
+            if num_external > 0:
+                self.connector.update_state_after_alloc(
+                    request, self.kv_cache_manager.get_block_ids(request.request_id), num_local, num_external,
+                    is_async=False)
+                self.sync_loads[request.request_id] = num_computed_tokens
             self.waiting.pop_request()
             self.running.append(request)
             plan.add_admitted(request, num_new_tokens, resumed=request.status == RequestStatus.PREEMPTED)
@@ -158,6 +199,49 @@ class Scheduler:
             request.num_computed_tokens = num_computed_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
+
+    def _start_async_load(self, request: Request, computed_blocks: KVCacheBlocks, num_computed_tokens: int,
+                          num_external: int) -> bool:
+        """Park a waiting request while the store loads `num_external` tokens; False if blocks ran short."""
+        new_blocks = self.kv_cache_manager.allocate_slots(
+            request, num_external, num_computed_tokens, computed_blocks, delay_cache_blocks=True
+        )
+        if new_blocks is None:
+            return False
+        self.waiting.pop_request()
+        self.loading[request.request_id] = (request, request.status)
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        request.num_computed_tokens = num_computed_tokens
+        self.connector.update_state_after_alloc(
+            request, self.kv_cache_manager.get_block_ids(request.request_id), num_computed_tokens, num_external,
+            is_async=True)
+        return True
+
+    def _apply_kv_connector_output(self, output: KVConnectorOutput) -> None:
+        """Confirm or rewind finished loads; parked requests go back to the front of the waiting queue."""
+        for request_id, result in output.finished_loads.items():
+            load = self.connector.take_load(request_id) if self.connector is not None else None
+            delayed = self.delayed_free.pop(request_id, None)
+            if delayed is not None:
+                self.kv_cache_manager.free(delayed)
+                continue
+            if request_id in self.loading:
+                request, prior_status = self.loading.pop(request_id)
+                request.num_computed_tokens = result.num_computed_tokens
+                request.status = prior_status
+                self.resumed_after_load.add(request_id)
+                self.waiting.prepend_request(request)
+            elif self.sync_loads.pop(request_id, None) is not None and request_id in self.requests:
+                request = self.requests[request_id]
+                if load is not None and result.num_computed_tokens < load.end:
+                    # The step computed on top of KV that never arrived: redo from the last good position.
+                    request.num_computed_tokens = result.num_computed_tokens
+            else:
+                continue
+            request.kv_store_tokens = result.tokens_by_tier
+            if request.num_cached_tokens > result.num_computed_tokens:
+                request.num_cached_tokens = result.num_computed_tokens
+            self.kv_cache_manager.commit_loaded_blocks(request)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
@@ -169,6 +253,8 @@ class Scheduler:
         """
         outputs: list[EngineCoreOutput] = []
         finished_ids: set[str] = set()
+        if model_runner_output.kv_connector_output is not None:
+            self._apply_kv_connector_output(model_runner_output.kv_connector_output)
         logprobs = model_runner_output.logprobs
         for index, request_id in enumerate(model_runner_output.req_ids):
             request = self.requests.get(request_id)
@@ -191,6 +277,7 @@ class Scheduler:
                         finish_reason=request.get_finished_reason(),
                         stop_reason=request.stop_reason,
                         num_cached_tokens=request.num_cached_tokens,
+                        kv_store_tokens=request.kv_store_tokens,
                     )
                 )
             if finished:
@@ -219,22 +306,32 @@ class Scheduler:
         known_ids = [request_id for request_id in dict.fromkeys(request_ids) if request_id in self.requests]
         finished = [self.requests[request_id] for request_id in known_ids]
         finished_running = {request.request_id for request in finished if request.status == RequestStatus.RUNNING}
+        finished_loading = {request.request_id for request in finished if request.request_id in self.loading}
         self.running = [request for request in self.running if request.request_id not in finished_running]
-        self.waiting.remove_requests(request for request in finished if request.request_id not in finished_running)
+        for request_id in finished_loading:
+            del self.loading[request_id]
+        self.waiting.remove_requests(request for request in finished
+                                     if request.request_id not in finished_running | finished_loading)
         for request in finished:
             request.status = finished_status
             self._free_request(request)
 
     def _free_request(self, request: Request) -> None:
-        self.kv_cache_manager.free(request)
+        self.resumed_after_load.discard(request.request_id)
+        self.sync_loads.pop(request.request_id, None)
+        if self.connector is not None and self.connector.request_finished(request):
+            self.delayed_free[request.request_id] = request  # a load still writes into its blocks
+        else:
+            self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.get_num_unfinished_requests() > 0
+        """Whether steps are still needed: requests to run, loads to finish, or blocks waiting to be freed."""
+        return self.get_num_unfinished_requests() > 0 or bool(self.delayed_free)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.loading)
 
     def reset_prefix_cache(self) -> bool:
         """Forget the prefix cache; False while any request holds blocks."""

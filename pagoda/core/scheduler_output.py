@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from pagoda.kv_connector.metadata import KVConnectorMetadata
 from pagoda.sampling_params import SamplingParams
 
 # One list of block ids per KV cache group.
@@ -41,5 +42,5 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     total_num_scheduled_tokens: int
     # Finished since the previous step: the worker drops their state.
     finished_req_ids: set[str] = msgspec.field(default_factory=set)
-    # Opaque instructions for the KV connector's worker side (none yet).
-    kv_connector_metadata: bytes | None = None
+    # What the KV connector's worker side loads and saves this step (None without a connector).
+    kv_connector_metadata: KVConnectorMetadata | None = None

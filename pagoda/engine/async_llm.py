@@ -146,6 +146,10 @@ class AsyncLLM:
         """Drop every cached block; False while some block is still in use."""
         return await self.engine_core.reset_prefix_cache_async()
 
+    async def flush_kv_store(self) -> bool:
+        """Wait until every KV save so far reached the KV store's tiers; False without a store."""
+        return await self.engine_core.flush_kv_store_async()
+
     async def get_scheduler_stats(self) -> SchedulerStatsMessage:
         """The scheduler's gauges now (a round trip to the engine, unlike `scheduler_stats`)."""
         return await self.engine_core.get_stats_async()

@@ -57,6 +57,10 @@ class EngineCoreClient(ABC):
         """Drop every cached block; False while some block is still in use."""
 
     @abstractmethod
+    def flush_kv_store(self) -> bool:
+        """Wait until every KV save queued so far reached the store's tiers; False without a store."""
+
+    @abstractmethod
     def get_stats(self) -> SchedulerStatsMessage:
         """The scheduler's gauges and counters right now."""
 
@@ -85,6 +89,9 @@ class InprocClient(EngineCoreClient):
 
     def reset_prefix_cache(self) -> bool:
         return self.engine_core.reset_prefix_cache()
+
+    def flush_kv_store(self) -> bool:
+        return self.engine_core.flush_kv_store()
 
     def get_stats(self) -> SchedulerStatsMessage:
         return self.engine_core.make_stats()
@@ -156,6 +163,9 @@ class SyncMPClient(MPClient, EngineCoreClient):
 
     def reset_prefix_cache(self) -> bool:
         return self._call_utility("reset_prefix_cache", bool)
+
+    def flush_kv_store(self) -> bool:
+        return self._call_utility("flush_kv_store", bool)
 
     def get_stats(self) -> SchedulerStatsMessage:
         return self._call_utility("get_stats", SchedulerStatsMessage)
@@ -258,6 +268,9 @@ class AsyncMPClient(MPClient):
 
     async def reset_prefix_cache_async(self) -> bool:
         return await self._call_utility("reset_prefix_cache", bool)
+
+    async def flush_kv_store_async(self) -> bool:
+        return await self._call_utility("flush_kv_store", bool)
 
     async def get_stats_async(self) -> SchedulerStatsMessage:
         return await self._call_utility("get_stats", SchedulerStatsMessage)

@@ -68,6 +68,7 @@ class EngineCoreProc:
         }
         self._utilities: dict[str, Callable[[], Any]] = {
             "reset_prefix_cache": self.engine_core.reset_prefix_cache,
+            "flush_kv_store": self.engine_core.flush_kv_store,
             "get_stats": self.engine_core.make_stats,
         }
         self._poller = zmq.Poller()

@@ -113,5 +113,8 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         return self.engine_core.reset_prefix_cache()
 
+    def flush_kv_store(self) -> bool:
+        return self.engine_core.flush_kv_store()
+
     def shutdown(self) -> None:
         self.engine_core.shutdown()

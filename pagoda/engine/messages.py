@@ -68,6 +68,8 @@ class SchedulerStatsMessage(msgspec.Struct, array_like=True, gc=False, kw_only=T
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    # KV store counters by tier name (and "connector"); None without a store.
+    kv_store: dict[str, dict[str, float]] | None = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):

@@ -133,6 +133,7 @@ class OutputProcessor:
         if output.new_token_ids and metrics.first_token_time is None:
             metrics.first_token_time = now
             metrics.num_cached_tokens = output.num_cached_tokens
+            metrics.kv_store_tokens = dict(output.kv_store_tokens)
         if output.new_token_ids:
             metrics.last_token_time = now
         finish_reason, stop_reason = output.finish_reason, output.stop_reason

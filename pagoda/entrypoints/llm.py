@@ -133,6 +133,11 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()
 
+    def flush_kv_store(self) -> bool:
+        """Wait until every KV save so far reached all tiers of the KV store (e.g. before another
+        engine reads them); False when the engine has no store."""
+        return self.llm_engine.flush_kv_store()
+
     def shutdown(self) -> None:
         """Release the engine (and stop its process in "mp" mode)."""
         self.llm_engine.shutdown()
@@ -141,4 +146,8 @@ class LLM:
         stats = self.llm_engine.scheduler_stats
         if stats is None:
             return {}
-        return {field: float(getattr(stats, field)) for field in stats.__struct_fields__}
+        metrics = {field: float(getattr(stats, field)) for field in stats.__struct_fields__ if field != "kv_store"}
+        for tier, counters in (stats.kv_store or {}).items():
+            for name, value in counters.items():
+                metrics[f"kv_store.{tier}.{name}"] = value
+        return metrics

@@ -40,8 +40,15 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute_model", (scheduler_output,))[0]
 
+    def kv_store_metrics(self) -> dict[str, dict[str, float]] | None:
+        return self.collective_rpc("kv_store_metrics")[0]
+
+    def flush_kv_store(self) -> bool:
+        return all(self.collective_rpc("flush_kv_store"))
+
     def shutdown(self) -> None:
-        """Release workers; in-process workers need nothing."""
+        """Release the workers' resources (the KV store's threads and files)."""
+        self.collective_rpc("shutdown")
 
 
 class UniProcExecutor(Executor):

@@ -5,6 +5,11 @@ one flat batch of every scheduled token (ids, positions, per-group slot
 mappings and attention metadata), make one model call, compute logits only
 for rows that finished their known tokens (partial prefill chunks sample
 nothing), sample them together, and append the new tokens to the batch.
+
+With a KV store, the KV connector's worker side loads and saves around the
+forward pass: attention of each layer first waits for that layer's load and
+then hands the freshly written KV to the saver. A request whose in-step load
+came back incomplete samples nothing: the scheduler rewinds it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ from pagoda.config import PagodaConfig
 from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from pagoda.core.model_runner_output import LogprobsLists, ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.kv_connector.metadata import KVConnectorOutput
 from pagoda.models.interfaces import AttentionLayerSpec
 from pagoda.models.loader import load_model
 from pagoda.worker.attention.metadata import build_group_metadata
+from pagoda.kv_connector.layout import StoreLayout
+from pagoda.kv_connector.worker_side import KVConnectorWorker
 from pagoda.worker.attention.paged_attention import PagedAttention
+from pagoda.worker.kv_connector_attention import ConnectorAttention
 from pagoda.worker.input_batch import CachedRequestState, InputBatch
 from pagoda.worker.sampler import Sampler, gather_logprobs
 from pagoda.worker.sampling_metadata import build_sampling_metadata
@@ -48,6 +57,7 @@ class ModelRunner:
         self.dtype = getattr(torch, config.model_config.dtype)
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
+        self.kv_connector: KVConnectorWorker | None = None
 
     def load_model(self) -> None:
         self.model = load_model(Path(self.config.model_config.path), self.dtype, self.device)
@@ -82,6 +92,12 @@ class ModelRunner:
             for position, layer_index in enumerate(group.layer_indices):
                 self.layer_kv_caches[layer_index] = shared[position]
                 self.layer_groups[layer_index] = group_index
+        transfer_config = self.config.kv_transfer_config
+        if transfer_config is not None:
+            layout = StoreLayout(Path(self.config.model_config.path).name, self.config.model_config.dtype,
+                                 kv_cache_config, transfer_config.chunk_size)
+            self.kv_connector = KVConnectorWorker(transfer_config, layout, self.layer_kv_caches,
+                                                  transfer_config.lookup_address)
         max_model_len = self.config.scheduler_config.max_model_len
         self.input_batch = InputBatch(
             max_num_reqs=self.config.scheduler_config.max_num_seqs,
@@ -94,10 +110,20 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
         batch = self.input_batch
+        connector = self.kv_connector
+        if connector is not None and scheduler_output.kv_connector_metadata is not None:
+            connector.start_load_kv(scheduler_output.kv_connector_metadata)
         if scheduler_output.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            kv_output = connector.finish_step(idle=True) if connector is not None else None
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], kv_connector_output=kv_output)
         inputs = self._prepare_inputs(scheduler_output)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
+        attention = inputs.attention if connector is None else ConnectorAttention(inputs.attention, connector)
+        hidden = self.model(inputs.input_ids, inputs.positions, attention)
+        kv_output = None
+        if connector is not None:
+            connector.wait_for_save()
+            kv_output = connector.finish_step(idle=False)
+            self._drop_rewound_rows(inputs, kv_output, scheduler_output)
         prompt_logprobs = self._compute_prompt_logprobs(hidden, inputs)
         sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
         logprobs: list[LogprobsLists | None] = [None] * batch.num_reqs
@@ -118,7 +144,22 @@ class ModelRunner:
             sampled_token_ids=sampled,
             logprobs=logprobs if any(entry is not None for entry in logprobs) else None,
             prompt_logprobs=prompt_logprobs,
+            kv_connector_output=kv_output,
         )
+
+    def _drop_rewound_rows(self, inputs: StepInputs, kv_output: KVConnectorOutput,
+                           scheduler_output: SchedulerOutput) -> None:
+        """Stop requests whose in-step load fell short from sampling: their step computed on missing KV."""
+        metadata = scheduler_output.kv_connector_metadata
+        load_ends = {spec.req_id: spec.end for spec in metadata.loads if not spec.is_async} if metadata else {}
+        rewound = {req_id for req_id, result in kv_output.finished_loads.items()
+                   if req_id in load_ends and result.num_computed_tokens < load_ends[req_id]}
+        if not rewound:
+            return
+        req_ids = self.input_batch.req_ids
+        inputs.sample_rows = np.array([row for row in inputs.sample_rows.tolist() if req_ids[row] not in rewound],
+                                      dtype=np.int64)
+        inputs.logits_indices = torch.from_numpy(inputs.query_start[inputs.sample_rows + 1] - 1).to(self.device)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.input_batch

@@ -63,3 +63,18 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def kv_store_metrics(self) -> dict[str, dict[str, float]] | None:
+        connector = self.model_runner.kv_connector
+        return None if connector is None else connector.metrics_snapshot()
+
+    def flush_kv_store(self) -> bool:
+        connector = self.model_runner.kv_connector
+        if connector is None:
+            return False
+        connector.flush()
+        return True
+
+    def shutdown(self) -> None:
+        if self.model_runner.kv_connector is not None:
+            self.model_runner.kv_connector.close()

@@ -7,11 +7,17 @@ latest `SchedulerStatsMessage` (running/waiting requests, KV-cache usage,
 prefix-cache and preemption counts); `/metrics` also asks the engine for
 its current gauges at each scrape. The scheduler's counters are cumulative, so
 each Prometheus counter advances by how far the engine's count has moved.
+The KV store's per-tier counters (also cumulative) are exported as they are,
+labelled by tier, by a collector reading the latest snapshot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from pagoda.engine.iteration_stats import IterationStats
 from pagoda.engine.messages import SchedulerStatsMessage
@@ -59,6 +65,8 @@ class ServerMetrics:
                                        ["model_name", "finish_reason"], registry=self.registry)
         self._cumulative = {name: counter(name, doc) for name, doc in _CUMULATIVE_STATS.items()}
         self._last_cumulative = dict.fromkeys(_CUMULATIVE_STATS, 0)
+        self.kv_store = KVStoreCollector(model_name)
+        self.registry.register(self.kv_store)
 
     def __call__(self, iteration_stats: IterationStats, scheduler_stats: SchedulerStatsMessage | None) -> None:
         self.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
@@ -78,6 +86,8 @@ class ServerMetrics:
         self.num_requests_running.set(stats.num_running_reqs)
         self.num_requests_waiting.set(stats.num_waiting_reqs)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        if stats.kv_store is not None:
+            self.kv_store.snapshot = stats.kv_store
         for name, metric in self._cumulative.items():
             value = getattr(stats, name)
             if value > self._last_cumulative[name]:
@@ -86,3 +96,23 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class KVStoreCollector(Collector):
+    """`pagoda:kv_store_<counter>_total{tier=...}` from the engine's latest KV store snapshot."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.snapshot: dict[str, dict[str, float]] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        families: dict[str, CounterMetricFamily] = {}
+        for tier, counters in sorted(self.snapshot.items()):
+            for name, value in sorted(counters.items()):
+                family = families.get(name)
+                if family is None:
+                    family = families[name] = CounterMetricFamily(
+                        f"{_PREFIX}kv_store_{name}", f"KV store: {name.replace('_', ' ')}, per tier.",
+                        labels=["model_name", "tier"])
+                family.add_metric([self.model_name, tier], value)
+        yield from families.values()

@@ -2,7 +2,9 @@
 
 Shapes follow OpenAI's API reference so the official clients parse them;
 `stop_reason` (the stop string or token id that ended a choice) is vLLM's
-addition. `usage.prompt_tokens_details.cached_tokens` is always reported.
+addition. `usage.prompt_tokens_details.cached_tokens` is always reported;
+`kv_store_tokens` (Pagoda's addition) says how many of them the KV store
+supplied, by tier.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def _now() -> int:
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
+    kv_store_tokens: dict[str, int] = Field(default_factory=dict)
 
 
 class UsageInfo(BaseModel):

@@ -155,6 +155,9 @@ def add_usage(usage: UsageInfo, output: RequestOutput, first: bool) -> None:
         usage.prompt_tokens += len(output.prompt_token_ids)
     if output.finished:
         usage.prompt_tokens_details.cached_tokens += output.num_cached_tokens
+        store_tokens = usage.prompt_tokens_details.kv_store_tokens
+        for tier, tokens in (output.metrics.kv_store_tokens if output.metrics else {}).items():
+            store_tokens[tier] = store_tokens.get(tier, 0) + tokens
     usage.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
 

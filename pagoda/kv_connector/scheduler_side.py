@@ -1,0 +1,129 @@
+"""KV connector layer, scheduler side: which prompt tokens the store can supply, and what to save.
+
+Runs inside the scheduler, never imports torch, and reaches the store only
+through a lookup client (`pagoda.kvstore.lookup`), so it works the same when
+the workers live in another process. Per request it keeps the prompt's chunk
+hashes (the engine's block-hash chain at chunk granularity) and how many
+chunks are known to be stored already.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pagoda.config import KVTransferConfig
+from pagoda.core.block_hash import HashFn
+from pagoda.core.request import Request
+from pagoda.kv_connector.layout import StoreLayout
+from pagoda.kv_connector.metadata import BlockIds, KVConnectorMetadata, LoadSpec, SaveSpec
+from pagoda.kvstore.keys import CacheEngineKey
+from pagoda.kvstore.token_database import ChunkedTokenDatabase
+
+
+class LookupFn(Protocol):
+    def lookup(self, keys: list[CacheEngineKey], prefetch: bool = False) -> int: ...
+
+
+@dataclass
+class _RequestState:
+    chunk_hashes: list[bytes]
+    # Chunks [0, num_saved_chunks) are in the store or already sent to it.
+    num_saved_chunks: int = 0
+    load: LoadSpec | None = field(default=None, repr=False)
+
+
+class KVConnectorScheduler:
+    def __init__(self, config: KVTransferConfig, layout: StoreLayout, lookup: LookupFn, hash_fn: HashFn) -> None:
+        self.config = config
+        self.layout = layout
+        self.lookup = lookup
+        self.token_database = ChunkedTokenDatabase(config.chunk_size, hash_fn)
+        self._states: dict[str, _RequestState] = {}
+        self._new_loads: list[LoadSpec] = []
+        # Requests whose asynchronous load is in flight: their blocks are being written.
+        self._async_loads: set[str] = set()
+
+    def _state(self, request: Request) -> _RequestState:
+        state = self._states.get(request.request_id)
+        if state is None:
+            hashes = [h for _, _, h in self.token_database.process_tokens(request.prompt_token_ids,
+                                                                           request.cache_salt)]
+            state = self._states[request.request_id] = _RequestState(hashes)
+        return state
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        """Prompt tokens past `num_computed_tokens` the store can supply, and whether the load is asynchronous.
+
+        The hit ends block-aligned and at least one token short of the
+        request's end (the model must run on some token). Requests asking
+        for prompt logprobs compute every position and never load.
+        """
+        if request.sampling_params.prompt_logprobs is not None:
+            return 0, False
+        state = self._state(request)
+        if not state.chunk_hashes:
+            return 0, False
+        num_stored = self.lookup.lookup(self.layout.lookup_keys(state.chunk_hashes))
+        state.num_saved_chunks = max(state.num_saved_chunks, num_stored)
+        block_size = self.layout.block_size
+        end = min(num_stored * self.config.chunk_size, (request.num_tokens - 1) // block_size * block_size)
+        if end <= num_computed_tokens:
+            return 0, False
+        return end - num_computed_tokens, self.config.load_mode == "async"
+
+    def update_state_after_alloc(self, request: Request, block_ids: BlockIds, num_computed_tokens: int,
+                                 num_external_tokens: int, is_async: bool) -> None:
+        """Plan the load of [num_computed_tokens, + num_external_tokens) into the blocks just allocated."""
+        state = self._state(request)
+        start, end = num_computed_tokens, num_computed_tokens + num_external_tokens
+        chunk_size = self.config.chunk_size
+        first_chunk, last_chunk = start // chunk_size, -(-end // chunk_size)
+        load = LoadSpec(req_id=request.request_id, start=start, end=end, first_chunk=first_chunk,
+                        chunk_hashes=state.chunk_hashes[first_chunk:last_chunk], block_ids=block_ids,
+                        is_async=is_async)
+        state.load = load
+        self._new_loads.append(load)
+        if is_async:
+            self._async_loads.add(request.request_id)
+
+    def build_connector_meta(self, num_scheduled_tokens: dict[str, int], requests: dict[str, Request],
+                             block_ids_of: "BlockIdsFn") -> KVConnectorMetadata:
+        """This step's loads, and saves of every prompt chunk the step completes.
+
+        Called before the scheduler advances `num_computed_tokens`, so a
+        request's tokens this step are [num_computed_tokens, + scheduled).
+        Only full chunks of the prompt are saved; the last partial chunk is
+        recomputed by whoever needs it.
+        """
+        saves: list[SaveSpec] = []
+        chunk_size = self.config.chunk_size
+        for req_id, num_tokens in num_scheduled_tokens.items():
+            request = requests[req_id]
+            state = self._state(request)
+            num_full = min(request.num_computed_tokens + num_tokens, request.num_prompt_tokens) // chunk_size
+            if num_full > state.num_saved_chunks:
+                saves.append(SaveSpec(req_id=req_id, first_chunk=state.num_saved_chunks,
+                                      chunk_hashes=state.chunk_hashes[state.num_saved_chunks:num_full],
+                                      block_ids=block_ids_of(req_id)))
+                state.num_saved_chunks = num_full
+        loads, self._new_loads = self._new_loads, []
+        return KVConnectorMetadata(loads=loads, saves=saves)
+
+    def take_load(self, req_id: str) -> LoadSpec | None:
+        """The load planned for a request, once its result arrived; the request no longer waits for it."""
+        self._async_loads.discard(req_id)
+        state = self._states.get(req_id)
+        if state is None:
+            return None
+        load, state.load = state.load, None
+        return load
+
+    def request_finished(self, request: Request) -> bool:
+        """Forget the request; True when its blocks must stay allocated until an in-flight load ends."""
+        self._states.pop(request.request_id, None)
+        return request.request_id in self._async_loads
+
+
+class BlockIdsFn(Protocol):
+    def __call__(self, req_id: str) -> BlockIds: ...

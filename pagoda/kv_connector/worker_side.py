@@ -1,0 +1,271 @@
+"""KV connector layer, worker side: moves KV between the paged KV cache and the tiered store.
+
+Loads: in layerwise mode a transfer thread loads layer after layer while the
+forward pass runs, and attention of layer i waits only for layer i
+(`wait_for_layer_load`); in bulk mode every layer is loaded before the
+forward pass; async loads run on their own thread between steps for requests
+the scheduler parked. Every entry is checked by the store before a byte of it
+reaches the cache; a missing or bad entry ends that layer's load there, and
+the request is reported with the longest prefix whose KV arrived whole in
+every layer that needs it (sliding-window layers only need their window).
+
+Saves: after a layer's KV is written (`save_kv_layer`, layerwise) or after
+the forward pass (bulk), the blocks of each newly completed prompt chunk are
+copied out on the transfer thread; `wait_for_save` waits for those copies, so
+a step never returns while a save still reads blocks the scheduler may hand
+to someone else. Encoding and writing to the tiers happen later on a put
+thread, from the private copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import torch
+
+from pagoda.config import KVTransferConfig
+from pagoda.kv_connector.layout import LayerLayout, StoreLayout
+from pagoda.kv_connector.metadata import KVConnectorMetadata, KVConnectorOutput, LoadResult, LoadSpec, SaveSpec
+from pagoda.kvstore.config import build_storage_manager, parse_kv_store_spec
+from pagoda.kvstore.keys import CacheEngineKey
+from pagoda.kvstore.lookup import LookupServer
+from pagoda.kvstore.storage_manager import StorageManager
+
+logger = logging.getLogger(__name__)
+
+# Loads read stored entries through read-only buffers and only copy out of them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+# Saves queued beyond this many bytes are dropped (counted): a slow tier must never stall the engine.
+MAX_PENDING_SAVE_BYTES = 1 << 30
+# How long an idle step waits for an async load before returning (keeps the engine loop from spinning).
+IDLE_LOAD_WAIT_S = 0.005
+
+
+class _LoadJob:
+    """One request's load: per layer, the chunks that arrived whole."""
+
+    def __init__(self, spec: LoadSpec, layout: StoreLayout) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.loaded_chunks: list[set[int]] = [set() for _ in layout.layers]
+        self.tier_of_chunk: dict[int, str] = {}
+        self.num_failed_entries = 0
+
+    def chunks_needed(self, layer: LayerLayout, end: int) -> range:
+        """Chunks of layer `layer` whose KV a token at `end` needs, within the load's range."""
+        first = layer.first_needed_position(self.spec.start, end)
+        if first >= end:
+            return range(0)
+        return range(first // self.layout.chunk_size, -(-end // self.layout.chunk_size))
+
+    def load_layer(self, manager: StorageManager, layer: LayerLayout, kv_cache: torch.Tensor) -> None:
+        spec, layout = self.spec, self.layout
+        block_size, chunk_size = layout.block_size, layout.chunk_size
+        first_position = layer.first_needed_position(spec.start, spec.end)
+        block_ids = spec.block_ids[layer.group_index]
+        for chunk in self.chunks_needed(layer, spec.end):
+            chunk_start = chunk * chunk_size
+            low = max(chunk_start, first_position) // block_size * block_size
+            high = min(chunk_start + chunk_size, spec.end)
+            hit = manager.get(layer.key(spec.chunk_hashes[chunk - spec.first_chunk]))
+            expected_shape = (2, chunk_size, layer.num_kv_heads, layer.head_size)
+            if hit is None or hit.entry.shape != expected_shape or hit.entry.dtype != _dtype_name(kv_cache.dtype):
+                self.num_failed_entries += 1
+                return  # later chunks are useless without this one
+            data = torch.frombuffer(hit.entry.payload, dtype=kv_cache.dtype).view(expected_shape)
+            blocks = torch.tensor(block_ids[low // block_size : high // block_size], dtype=torch.long,
+                                  device=kv_cache.device)
+            rows = data[:, low - chunk_start : high - chunk_start]
+            kv_cache[:, blocks] = rows.reshape(2, -1, block_size, *expected_shape[2:]).to(kv_cache.device)
+            self.loaded_chunks[layer.layer_index].add(chunk)
+            self.tier_of_chunk.setdefault(chunk, hit.tier)
+
+    def result(self) -> LoadResult:
+        """The longest prefix, ending at a chunk boundary or the load's end, complete in every layer."""
+        spec, chunk_size = self.spec, self.layout.chunk_size
+        boundaries = [spec.end] + [c * chunk_size for c in range(-(-spec.end // chunk_size) - 1, 0, -1)
+                                   if spec.start < c * chunk_size < spec.end]
+        num_computed = spec.start
+        for end in boundaries:
+            if all(set(self.chunks_needed(layer, end)) <= self.loaded_chunks[layer.layer_index]
+                   for layer in self.layout.layers):
+                num_computed = end
+                break
+        tokens_by_tier: dict[str, int] = {}
+        for chunk in range(spec.start // chunk_size, -(-num_computed // chunk_size)):
+            tokens = min(num_computed, (chunk + 1) * chunk_size) - max(spec.start, chunk * chunk_size)
+            tier = self.tier_of_chunk.get(chunk, "unknown")
+            tokens_by_tier[tier] = tokens_by_tier.get(tier, 0) + tokens
+        return LoadResult(num_computed_tokens=num_computed, tokens_by_tier=tokens_by_tier)
+
+
+class KVConnectorWorker:
+    def __init__(self, config: KVTransferConfig, layout: StoreLayout, layer_kv_caches: list[torch.Tensor],
+                 lookup_address: str) -> None:
+        self.config = config
+        self.layout = layout
+        self.kv_caches = layer_kv_caches
+        self.dtype_name = _dtype_name(layer_kv_caches[0].dtype)
+        self.manager = build_storage_manager(parse_kv_store_spec(config.kv_store))
+        self.lookup_server = LookupServer(self.manager, lookup_address)
+        self.lookup_server.start()
+        self._transfer = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-transfer")
+        self._async_loader = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-load")
+        self._putter = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-put")
+        self._sync_jobs: list[_LoadJob] = []
+        self._layer_loads: list[Future[None] | None] = [None] * len(layout.layers)
+        self._async_loads: dict[str, Future[LoadResult]] = {}
+        self._saves: list[SaveSpec] = []
+        self._save_copies: list[Future[None]] = []
+        self._pending_save_bytes = 0
+        self._pending_lock = threading.Lock()
+        self.num_dropped_saves = 0
+        self.num_failed_loads = 0
+
+    # ---- loads ----
+
+    def start_load_kv(self, metadata: KVConnectorMetadata) -> None:
+        """Begin this step's loads: async ones in the background, in-step ones per the load mode."""
+        self._saves = list(metadata.saves)
+        self._sync_jobs = []
+        for spec in metadata.loads:
+            job = _LoadJob(spec, self.layout)
+            if spec.is_async:
+                self._async_loads[spec.req_id] = self._async_loader.submit(self._load_all_layers, job)
+            else:
+                self._sync_jobs.append(job)
+        if not self._sync_jobs:
+            return
+        if self.config.load_mode == "bulk":
+            for layer in self.layout.layers:
+                self._load_layer(layer)
+        else:
+            self._layer_loads = [self._transfer.submit(self._load_layer, layer) for layer in self.layout.layers]
+
+    def _load_layer(self, layer: LayerLayout) -> None:
+        for job in self._sync_jobs:
+            job.load_layer(self.manager, layer, self.kv_caches[layer.layer_index])
+
+    def _load_all_layers(self, job: _LoadJob) -> LoadResult:
+        for layer in self.layout.layers:
+            job.load_layer(self.manager, layer, self.kv_caches[layer.layer_index])
+        return self._finish_job(job)
+
+    def _finish_job(self, job: _LoadJob) -> LoadResult:
+        result = job.result()
+        if result.num_computed_tokens < job.spec.end:
+            self.num_failed_loads += 1
+            logger.warning("KV store: request %s loaded %d of %d tokens (%d entries missing or bad); "
+                           "recomputing the rest", job.spec.req_id, result.num_computed_tokens - job.spec.start,
+                           job.spec.end - job.spec.start, job.num_failed_entries)
+        for tier, tokens in result.tokens_by_tier.items():
+            tier_metrics = self.manager.metrics().get(tier)
+            if tier_metrics is not None:
+                tier_metrics.hit_tokens += tokens
+        return result
+
+    def wait_for_layer_load(self, layer_index: int) -> None:
+        """Block until layer `layer_index` of this step's in-step loads is in the cache."""
+        future = self._layer_loads[layer_index]
+        if future is not None:
+            future.result()
+
+    # ---- saves ----
+
+    def save_kv_layer(self, layer_index: int) -> None:
+        """Layer `layer_index` is written for this step: copy out its newly completed chunks (layerwise)."""
+        if self._saves and self.config.load_mode != "bulk":
+            layer = self.layout.layers[layer_index]
+            self._save_copies.append(self._transfer.submit(self._copy_out, layer, list(self._saves)))
+
+    def wait_for_save(self) -> None:
+        """Return once this step's saves no longer read the KV cache (bulk mode copies them out now)."""
+        if self._saves and self.config.load_mode == "bulk":
+            for layer in self.layout.layers:
+                self._copy_out(layer, self._saves)
+        for future in self._save_copies:
+            future.result()
+        self._save_copies = []
+        self._saves = []
+
+    def _copy_out(self, layer: LayerLayout, saves: list[SaveSpec]) -> None:
+        kv_cache = self.kv_caches[layer.layer_index]
+        blocks_per_chunk = self.layout.chunk_size // self.layout.block_size
+        shape = (2, self.layout.chunk_size, layer.num_kv_heads, layer.head_size)
+        for spec in saves:
+            block_ids = spec.block_ids[layer.group_index]
+            for offset, chunk_hash in enumerate(spec.chunk_hashes):
+                chunk = spec.first_chunk + offset
+                ids = block_ids[chunk * blocks_per_chunk : (chunk + 1) * blocks_per_chunk]
+                # Block 0 is the null block: this layer's window dropped part of the chunk already.
+                if len(ids) < blocks_per_chunk or 0 in ids:
+                    continue
+                blocks = torch.tensor(ids, dtype=torch.long, device=kv_cache.device)
+                data = kv_cache[:, blocks].reshape(shape).to("cpu", copy=True)
+                self._queue_put(layer.key(chunk_hash), data)
+
+    def _queue_put(self, key: CacheEngineKey, data: torch.Tensor) -> None:
+        num_bytes = data.numel() * data.element_size()
+        with self._pending_lock:
+            if self._pending_save_bytes + num_bytes > MAX_PENDING_SAVE_BYTES:
+                self.num_dropped_saves += 1
+                return
+            self._pending_save_bytes += num_bytes
+        self._putter.submit(self._put, key, data, num_bytes)
+
+    def _put(self, key: CacheEngineKey, data: torch.Tensor, num_bytes: int) -> None:
+        try:
+            payload = data.view(torch.uint8).numpy()
+            self.manager.put(key, payload, tuple(data.shape), self.dtype_name)
+        finally:
+            with self._pending_lock:
+                self._pending_save_bytes -= num_bytes
+
+    # ---- step results ----
+
+    def finish_step(self, idle: bool) -> KVConnectorOutput:
+        """Results of this step's in-step loads and of async loads that ended; waits briefly when `idle`."""
+        finished = {}
+        for job in self._sync_jobs:
+            for future in self._layer_loads:
+                if future is not None:
+                    future.result()
+            finished[job.spec.req_id] = self._finish_job(job)
+        self._sync_jobs = []
+        self._layer_loads = [None] * len(self.layout.layers)
+        if idle and self._async_loads:
+            wait(self._async_loads.values(), timeout=IDLE_LOAD_WAIT_S, return_when=FIRST_COMPLETED)
+        for req_id in [r for r, f in self._async_loads.items() if f.done()]:
+            finished[req_id] = self._async_loads.pop(req_id).result()
+        return KVConnectorOutput(finished_loads=finished)
+
+    def has_pending_loads(self) -> bool:
+        return bool(self._async_loads)
+
+    def flush(self) -> None:
+        """Wait for every queued put (tests and benchmarks use it to know the store holds what was saved)."""
+        self._putter.submit(lambda: None).result()
+        self.manager.flush()
+
+    def metrics_snapshot(self) -> dict[str, dict[str, float]]:
+        snapshot = self.manager.metrics_snapshot()
+        snapshot["connector"] = {"dropped_saves": float(self.num_dropped_saves),
+                                 "failed_loads": float(self.num_failed_loads)}
+        return snapshot
+
+    def close(self) -> None:
+        for future in self._async_loads.values():
+            future.cancel()
+        self._async_loader.shutdown(wait=True)
+        self._transfer.shutdown(wait=True)
+        self._putter.shutdown(wait=True)
+        self.lookup_server.close()
+        self.manager.close()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
