@@ -99,6 +99,16 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(request: Request) -> Response:
+    """Forget the engine's prefix cache (as vLLM's endpoint does); 409 while requests still hold blocks."""
+    try:
+        reset = await _state(request).engine.reset_prefix_cache()
+    except EngineDeadError as error:
+        return engine_dead_error(error).response()
+    return Response(status_code=200 if reset else 409)
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     serving = _state(request).completions
