@@ -26,7 +26,7 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # Each benchmark rewrites its own sections of docs/benchmarks.md; append later ones to this list.
-BENCHMARKS := benchmarks/offline_throughput.py benchmarks/serving.py
+BENCHMARKS := benchmarks/offline_throughput.py benchmarks/serving.py benchmarks/kv_store.py
 bench: install
 	set -e; for script in $(BENCHMARKS); do $(PYTHON) $$script; done
 
