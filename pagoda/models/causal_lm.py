@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
 from pagoda.models.layers import PACKED_MODULES_MAPPING, compute_logits
+from pagoda.models.quantization import Int8Weight
 
 
 class CausalLM(nn.Module):
@@ -23,6 +24,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if tied else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
         self.ignored_weights = frozenset({"lm_head.weight"} if tied else ())
+        self.lm_head_int8: Int8Weight | None = None
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
         """input_ids and positions [T] -> hidden states [T, hidden_size]."""
@@ -30,8 +32,14 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size], soft-capped when the config says so."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return compute_logits(hidden, weight, self.final_logit_softcap)
+        return compute_logits(hidden, self._lm_head_weight(), self.final_logit_softcap, self.lm_head_int8)
+
+    def quantize_int8(self) -> None:
+        """An int8 copy of the LM head for few-row calls; the embedding (tied) or lm_head weight stays."""
+        self.lm_head_int8 = Int8Weight.quantize(self._lm_head_weight())
+
+    def _lm_head_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def attention_layer_specs(self) -> list[AttentionLayerSpec]:
         return list(self.specs)

@@ -7,6 +7,8 @@ tensor fills which rows of the fused weight.
 Modules holding values derived from the config rather than the checkpoint
 (the rotary cos/sin table) define `init_buffers(device, dtype)`. The loader
 builds models on the meta device and calls it once the weights are in place.
+Every projection is a `Linear`, which can take an int8 copy of its weight
+for small batches (`pagoda.models.quantization`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
+from pagoda.models.quantization import Int8Weight
 
 # Checkpoint projection name -> (fused module name, shard index within it).
 PACKED_MODULES_MAPPING: dict[str, tuple[str, int]] = {
@@ -129,11 +132,27 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """A bias-free projection; after `quantize_int8()`, calls with few rows multiply by an int8 copy."""
+
+    def __init__(self, input_size: int, output_size: int) -> None:
+        super().__init__(input_size, output_size, bias=False)
+        self.int8: Int8Weight | None = None
+
+    def quantize_int8(self) -> None:
+        self.int8 = Int8Weight.quantize(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.int8 is not None and self.int8.applies_to(x):
+            return self.int8.matmul(x)
+        return F.linear(x, self.weight)
+
+
+class MergedLinear(Linear):
     """Several bias-free projections of one input stored as one weight, shard i in rows `shard_rows(i)`."""
 
     def __init__(self, input_size: int, output_sizes: tuple[int, ...]) -> None:
-        super().__init__(input_size, sum(output_sizes), bias=False)
+        super().__init__(input_size, sum(output_sizes))
         self.output_sizes = output_sizes
 
     def shard_rows(self, index: int) -> slice:
@@ -147,7 +166,7 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, (intermediate_size, intermediate_size))
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size)
         self.act_fn = get_activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,7 +190,7 @@ class Attention(nn.Module):
         q_size = spec.num_heads * spec.head_dim
         kv_size = spec.num_kv_heads * spec.head_dim
         self.qkv_proj = MergedLinear(hidden_size, (q_size, kv_size, kv_size))
-        self.o_proj = nn.Linear(q_size, hidden_size, bias=False)
+        self.o_proj = Linear(q_size, hidden_size)
         self.q_norm = qk_norm(spec.head_dim) if qk_norm else None
         self.k_norm = qk_norm(spec.head_dim) if qk_norm else None
 
@@ -188,9 +207,13 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-def compute_logits(hidden: Tensor, lm_head_weight: Tensor, softcap: float | None) -> Tensor:
+def compute_logits(hidden: Tensor, lm_head_weight: Tensor, softcap: float | None,
+                   lm_head_int8: Int8Weight | None = None) -> Tensor:
     """float32 logits [N, vocab]; the projection runs in the weights' dtype, the softcap in float32."""
-    logits = F.linear(hidden, lm_head_weight).float()
+    if lm_head_int8 is not None and lm_head_int8.applies_to(hidden):
+        logits = lm_head_int8.matmul(hidden).float()
+    else:
+        logits = F.linear(hidden, lm_head_weight).float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits

@@ -6,6 +6,7 @@ either adopted as the parameter (plain weights, no copy) or copied into its
 rows of a fused weight (`packed_modules_mapping`). Derived buffers (rotary
 tables) are built last on the target device. Every parameter must be filled
 by exactly the checkpoint's tensors: a missing or unexpected name is an error.
+With `quantization="int8"`, the loaded weights then get their int8 copies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagoda.models.layers import MergedLinear
+from pagoda.models.quantization import quantize_model
 from pagoda.models.registry import architecture_of, get_model_class
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -40,8 +42,11 @@ def load_hf_config(folder: Path) -> dict:
     return config
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The model described by `folder`, weights cast to `dtype` on `device`, in eval mode."""
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None) -> nn.Module:
+    """The model described by `folder`, weights cast to `dtype` on `device`, in eval mode.
+
+    `quantization`: None, or "int8" for int8 weight copies used by small batches (`pagoda.models.quantization`).
+    """
     folder = Path(folder)
     config = load_hf_config(folder)
     model_class = get_model_class(architecture_of(config))
@@ -51,6 +56,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Mod
     for module in model.modules():
         if hasattr(module, "init_buffers"):
             module.init_buffers(torch.device(device), dtype)
+    quantize_model(model, quantization)
     return model.eval()
 
 

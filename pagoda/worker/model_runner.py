@@ -60,7 +60,8 @@ class ModelRunner:
         self.kv_connector: KVConnectorWorker | None = None
 
     def load_model(self) -> None:
-        self.model = load_model(Path(self.config.model_config.path), self.dtype, self.device)
+        self.model = load_model(Path(self.config.model_config.path), self.dtype, self.device,
+                                self.config.model_config.quantization)
         self.layer_specs: list[AttentionLayerSpec] = self.model.attention_layer_specs()
 
     def get_kv_cache_spec(self) -> list[KVCacheSpec]:
