@@ -48,10 +48,11 @@ class KVCacheCoordinator:
         return len(self.single_type_managers)
 
     def get_num_blocks_to_allocate(
-        self, request_id: str, num_tokens: int, new_computed_blocks: tuple[Sequence[KVCacheBlock], ...]
+        self, request_id: str, num_tokens: int, new_computed_blocks: tuple[Sequence[KVCacheBlock], ...],
+        num_computed_tokens: int = 0,
     ) -> int:
         return sum(
-            manager.get_num_blocks_to_allocate(request_id, num_tokens, blocks)
+            manager.get_num_blocks_to_allocate(request_id, num_tokens, blocks, num_computed_tokens)
             for manager, blocks in zip(self.single_type_managers, new_computed_blocks)
         )
 
@@ -61,8 +62,11 @@ class KVCacheCoordinator:
         for manager, blocks in zip(self.single_type_managers, new_computed_blocks):
             manager.save_new_computed_blocks(request_id, blocks)
 
-    def allocate_new_blocks(self, request_id: str, num_tokens: int) -> tuple[list[KVCacheBlock], ...]:
-        return tuple(manager.allocate_new_blocks(request_id, num_tokens) for manager in self.single_type_managers)
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, num_computed_tokens: int = 0
+    ) -> tuple[list[KVCacheBlock], ...]:
+        return tuple(manager.allocate_new_blocks(request_id, num_tokens, num_computed_tokens)
+                     for manager in self.single_type_managers)
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         for manager in self.single_type_managers:

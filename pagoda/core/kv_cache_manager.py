@@ -129,7 +129,8 @@ class KVCacheManager:
 
         num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
         num_tokens_need_slot = min(num_computed_tokens + num_new_tokens, self.max_model_len)
-        num_blocks_to_allocate = self.coordinator.get_num_blocks_to_allocate(request_id, num_tokens_need_slot, hits)
+        num_blocks_to_allocate = self.coordinator.get_num_blocks_to_allocate(
+            request_id, num_tokens_need_slot, hits, num_computed_tokens)
         if num_blocks_to_allocate > self.block_pool.get_num_free_blocks():
             return None
 
@@ -139,7 +140,7 @@ class KVCacheManager:
         else:
             assert not any(hits), "prefix-cache hits while prefix caching is off"
         self.coordinator.save_new_computed_blocks(request_id, hits)
-        new_blocks = self.coordinator.allocate_new_blocks(request_id, num_tokens_need_slot)
+        new_blocks = self.coordinator.allocate_new_blocks(request_id, num_tokens_need_slot, num_computed_tokens)
         if self.enable_caching and not delay_cache_blocks:
             self.coordinator.cache_blocks(request, min(num_computed_tokens + num_new_tokens, request.num_tokens))
         return KVCacheBlocks(new_blocks)

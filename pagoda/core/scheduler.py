@@ -12,8 +12,10 @@ With a KV connector, a waiting request may get part of its prompt from the
 KV store: loaded inside the step that computes the rest, or, in async mode,
 while the request waits in WAITING_FOR_REMOTE_KVS and others keep running.
 Blocks filled by a load enter the prefix cache only once the worker confirms
-the load; a failed or partial load rewinds the request to the last position
-whose KV arrived whole, and those tokens are recomputed.
+the load. A failed or partial load caches the prefix whose KV arrived whole,
+frees the request's blocks and queues it again at the front, without store
+loads: it resumes from that prefix through the prefix cache and recomputes
+the rest.
 """
 
 from __future__ import annotations
@@ -202,9 +204,15 @@ class Scheduler:
 
     def _start_async_load(self, request: Request, computed_blocks: KVCacheBlocks, num_computed_tokens: int,
                           num_external: int) -> bool:
-        """Park a waiting request while the store loads `num_external` tokens; False if blocks ran short."""
+        """Park a waiting request while the store loads `num_external` tokens; False if blocks ran short.
+
+        Blocks for the whole prompt are taken now: a parked request that
+        could not compute its tail after the load would hold blocks no one
+        can preempt.
+        """
+        num_tail_tokens = request.num_tokens - num_computed_tokens - num_external
         new_blocks = self.kv_cache_manager.allocate_slots(
-            request, num_external, num_computed_tokens, computed_blocks, delay_cache_blocks=True
+            request, num_tail_tokens, num_computed_tokens + num_external, computed_blocks, delay_cache_blocks=True
         )
         if new_blocks is None:
             return False
@@ -220,28 +228,49 @@ class Scheduler:
     def _apply_kv_connector_output(self, output: KVConnectorOutput) -> None:
         """Confirm or rewind finished loads; parked requests go back to the front of the waiting queue."""
         for request_id, result in output.finished_loads.items():
-            load = self.connector.take_load(request_id) if self.connector is not None else None
+            load = self.connector.take_load(request_id)
             delayed = self.delayed_free.pop(request_id, None)
             if delayed is not None:
                 self.kv_cache_manager.free(delayed)
                 continue
             if request_id in self.loading:
-                request, prior_status = self.loading.pop(request_id)
-                request.num_computed_tokens = result.num_computed_tokens
-                request.status = prior_status
-                self.resumed_after_load.add(request_id)
-                self.waiting.prepend_request(request)
+                request, resume_status = self.loading.pop(request_id)
             elif self.sync_loads.pop(request_id, None) is not None and request_id in self.requests:
-                request = self.requests[request_id]
-                if load is not None and result.num_computed_tokens < load.end:
-                    # The step computed on top of KV that never arrived: redo from the last good position.
-                    request.num_computed_tokens = result.num_computed_tokens
+                # The worker knows it now: it comes back as a resumed request if it must be redone.
+                request, resume_status = self.requests[request_id], RequestStatus.PREEMPTED
             else:
                 continue
+            if load is not None and result.num_computed_tokens < load.end:
+                self._restart_after_short_load(request, result.num_computed_tokens, resume_status)
+                continue
             request.kv_store_tokens = result.tokens_by_tier
-            if request.num_cached_tokens > result.num_computed_tokens:
-                request.num_cached_tokens = result.num_computed_tokens
+            parked = request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+            if parked:
+                request.num_computed_tokens = result.num_computed_tokens
             self.kv_cache_manager.commit_loaded_blocks(request)
+            if parked:
+                request.status = resume_status
+                self.resumed_after_load.add(request_id)
+                self.waiting.prepend_request(request)
+
+    def _restart_after_short_load(self, request: Request, num_good_tokens: int, resume_status: RequestStatus) -> None:
+        """Keep the prefix whose KV arrived whole (in the prefix cache), free the rest, queue the request again.
+
+        Its blocks past the good prefix hold KV that never arrived (and, for
+        an in-step load, a step computed on it); sliding-window groups hold
+        no blocks before the window of the load's end. Starting over from
+        the prefix cache avoids both; the store is not asked again.
+        """
+        request.num_computed_tokens = num_good_tokens
+        self.kv_cache_manager.commit_loaded_blocks(request)
+        self.kv_cache_manager.free(request)
+        self.connector.load_failed(request, num_good_tokens)
+        if request in self.running:
+            self.running.remove(request)
+        request.status = resume_status
+        request.num_computed_tokens = 0
+        request.num_cached_tokens = -1
+        self.waiting.prepend_request(request)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
@@ -343,7 +372,7 @@ class Scheduler:
             self._prefix_cache_totals += interval
         return SchedulerStats(
             num_running_reqs=len(self.running),
-            num_waiting_reqs=len(self.waiting),
+            num_waiting_reqs=len(self.waiting) + len(self.loading),
             kv_cache_usage=self.kv_cache_manager.usage,
             num_free_blocks=self.kv_cache_manager.get_num_free_blocks(),
             num_blocks=self.kv_cache_config.num_blocks,

@@ -35,10 +35,16 @@ class SingleTypeKVCacheManager(ABC):
         self.num_cached_block: dict[str, int] = {}
 
     def get_num_blocks_to_allocate(
-        self, request_id: str, num_tokens: int, new_computed_blocks: Sequence[KVCacheBlock]
+        self, request_id: str, num_tokens: int, new_computed_blocks: Sequence[KVCacheBlock],
+        num_computed_tokens: int = 0,
     ) -> int:
-        """Free blocks that holding `num_tokens` would consume, prefix-cache hits included."""
+        """Free blocks that holding `num_tokens` would consume, prefix-cache hits included.
+
+        Blocks no token after `num_computed_tokens` attends to need no memory
+        (see `allocate_new_blocks`).
+        """
         num_held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks)
+        num_held = max(num_held, self.get_num_skipped_tokens(num_computed_tokens) // self.block_size)
         num_new_blocks = max(cdiv(num_tokens, self.block_size) - num_held, 0)
         # A hit that sits in the free queue leaves it when touched: it costs a free block too.
         num_revived_blocks = sum(1 for block in new_computed_blocks if block.ref_cnt == 0 and not block.is_null)
@@ -52,9 +58,18 @@ class SingleTypeKVCacheManager(ABC):
         self.req_to_blocks[request_id] = list(new_computed_blocks)
         self.num_cached_block[request_id] = len(new_computed_blocks)
 
-    def allocate_new_blocks(self, request_id: str, num_tokens: int) -> list[KVCacheBlock]:
-        """Append fresh blocks until the request holds slots for `num_tokens` tokens."""
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_computed_tokens: int = 0) -> list[KVCacheBlock]:
+        """Append fresh blocks until the request holds slots for `num_tokens` tokens.
+
+        Positions before the window of `num_computed_tokens` get the null
+        block: that happens when KV from the KV store covers tokens no prefix
+        hit or earlier step holds blocks for, and the store loads only the
+        window of a sliding-window layer.
+        """
         blocks = self.req_to_blocks[request_id]
+        num_skipped_blocks = self.get_num_skipped_tokens(num_computed_tokens) // self.block_size
+        if len(blocks) < num_skipped_blocks:
+            blocks.extend([self.block_pool.null_block] * (num_skipped_blocks - len(blocks)))
         num_new_blocks = cdiv(num_tokens, self.block_size) - len(blocks)
         if num_new_blocks <= 0:
             return []

@@ -59,8 +59,8 @@ class StoreLayout:
         self.layers = [layers[index] for index in sorted(layers)]
 
     def lookup_keys(self, chunk_hashes: list[bytes]) -> list[CacheEngineKey]:
-        """One key per chunk standing for the whole chunk: layer 0's, the first entry of a chunk to be saved."""
-        return [self.layers[0].key(chunk_hash) for chunk_hash in chunk_hashes]
+        """One key per chunk standing for the whole chunk: the last layer's, the last entry of a chunk written."""
+        return [self.layers[-1].key(chunk_hash) for chunk_hash in chunk_hashes]
 
     def chunk_range(self, chunk_index: int) -> tuple[int, int]:
         return chunk_index * self.chunk_size, (chunk_index + 1) * self.chunk_size

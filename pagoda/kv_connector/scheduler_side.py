@@ -30,6 +30,8 @@ class _RequestState:
     chunk_hashes: list[bytes]
     # Chunks [0, num_saved_chunks) are in the store or already sent to it.
     num_saved_chunks: int = 0
+    # A load of this request came back short: it recomputes instead of asking the store again.
+    loads_disabled: bool = False
     load: LoadSpec | None = field(default=None, repr=False)
 
 
@@ -62,7 +64,7 @@ class KVConnectorScheduler:
         if request.sampling_params.prompt_logprobs is not None:
             return 0, False
         state = self._state(request)
-        if not state.chunk_hashes:
+        if not state.chunk_hashes or state.loads_disabled:
             return 0, False
         num_stored = self.lookup.lookup(self.layout.lookup_keys(state.chunk_hashes))
         state.num_saved_chunks = max(state.num_saved_chunks, num_stored)
@@ -118,6 +120,13 @@ class KVConnectorScheduler:
             return None
         load, state.load = state.load, None
         return load
+
+    def load_failed(self, request: Request, num_good_tokens: int) -> None:
+        """A load ended short: no more loads for the request, and the chunks past the good prefix are saved
+        again once recomputed (the worker dropped what the failed step would have saved)."""
+        state = self._state(request)
+        state.loads_disabled = True
+        state.num_saved_chunks = min(state.num_saved_chunks, num_good_tokens // self.config.chunk_size)
 
     def request_finished(self, request: Request) -> bool:
         """Forget the request; True when its blocks must stay allocated until an in-flight load ends."""

@@ -46,12 +46,12 @@ IDLE_LOAD_WAIT_S = 0.005
 
 
 class _LoadJob:
-    """One request's load: per layer, the chunks that arrived whole."""
+    """One request's load: per layer and chunk, the first position whose KV arrived (through the chunk's end)."""
 
     def __init__(self, spec: LoadSpec, layout: StoreLayout) -> None:
         self.spec = spec
         self.layout = layout
-        self.loaded_chunks: list[set[int]] = [set() for _ in layout.layers]
+        self.loaded_from: list[dict[int, int]] = [{} for _ in layout.layers]
         self.tier_of_chunk: dict[int, str] = {}
         self.num_failed_entries = 0
 
@@ -69,20 +69,48 @@ class _LoadJob:
         block_ids = spec.block_ids[layer.group_index]
         for chunk in self.chunks_needed(layer, spec.end):
             chunk_start = chunk * chunk_size
-            low = max(chunk_start, first_position) // block_size * block_size
+            low = self._first_block_position(layer, chunk, first_position)
             high = min(chunk_start + chunk_size, spec.end)
-            hit = manager.get(layer.key(spec.chunk_hashes[chunk - spec.first_chunk]))
-            expected_shape = (2, chunk_size, layer.num_kv_heads, layer.head_size)
-            if hit is None or hit.entry.shape != expected_shape or hit.entry.dtype != _dtype_name(kv_cache.dtype):
+            try:
+                tier = self._copy_chunk(manager, layer, kv_cache, chunk, low, high, block_ids)
+            except Exception:  # any fault in a tier or a copy: these tokens are recomputed instead
+                logger.exception("KV store: loading layer %d of chunk %d failed", layer.layer_index, chunk)
+                tier = None
+            if tier is None:
                 self.num_failed_entries += 1
                 return  # later chunks are useless without this one
-            data = torch.frombuffer(hit.entry.payload, dtype=kv_cache.dtype).view(expected_shape)
-            blocks = torch.tensor(block_ids[low // block_size : high // block_size], dtype=torch.long,
-                                  device=kv_cache.device)
-            rows = data[:, low - chunk_start : high - chunk_start]
-            kv_cache[:, blocks] = rows.reshape(2, -1, block_size, *expected_shape[2:]).to(kv_cache.device)
-            self.loaded_chunks[layer.layer_index].add(chunk)
-            self.tier_of_chunk.setdefault(chunk, hit.tier)
+            self.loaded_from[layer.layer_index][chunk] = low
+            self.tier_of_chunk.setdefault(chunk, tier)
+
+    def _first_block_position(self, layer: LayerLayout, chunk: int, first_position: int) -> int:
+        """Where copying chunk `chunk` starts: the block holding `first_position`, or the chunk's start."""
+        return max(chunk * self.layout.chunk_size, first_position) // self.layout.block_size * self.layout.block_size
+
+    def _copy_chunk(self, manager: StorageManager, layer: LayerLayout, kv_cache: torch.Tensor, chunk: int,
+                    low: int, high: int, block_ids: list[int]) -> str | None:
+        """Copy positions [low, high) of one stored chunk into the blocks; the supplying tier, None on a miss."""
+        chunk_size, block_size = self.layout.chunk_size, self.layout.block_size
+        hit = manager.get(layer.key(self.spec.chunk_hashes[chunk - self.spec.first_chunk]))
+        expected_shape = (2, chunk_size, layer.num_kv_heads, layer.head_size)
+        if hit is None or hit.entry.shape != expected_shape or hit.entry.dtype != _dtype_name(kv_cache.dtype):
+            return None
+        data = torch.frombuffer(hit.entry.payload, dtype=kv_cache.dtype).view(expected_shape)
+        blocks = torch.tensor(block_ids[low // block_size : high // block_size], dtype=torch.long,
+                              device=kv_cache.device)
+        rows = data[:, low - chunk * chunk_size : high - chunk * chunk_size]
+        kv_cache[:, blocks] = rows.reshape(2, -1, block_size, *expected_shape[2:]).to(kv_cache.device)
+        return hit.tier
+
+    def _complete_up_to(self, end: int) -> bool:
+        """Whether every layer holds all the KV a token at `end` attends to within the load's range."""
+        for layer in self.layout.layers:
+            first_position = layer.first_needed_position(self.spec.start, end)
+            loaded = self.loaded_from[layer.layer_index]
+            for chunk in self.chunks_needed(layer, end):
+                loaded_low = loaded.get(chunk)
+                if loaded_low is None or loaded_low > self._first_block_position(layer, chunk, first_position):
+                    return False
+        return True
 
     def result(self) -> LoadResult:
         """The longest prefix, ending at a chunk boundary or the load's end, complete in every layer."""
@@ -91,8 +119,7 @@ class _LoadJob:
                                    if spec.start < c * chunk_size < spec.end]
         num_computed = spec.start
         for end in boundaries:
-            if all(set(self.chunks_needed(layer, end)) <= self.loaded_chunks[layer.layer_index]
-                   for layer in self.layout.layers):
+            if self._complete_up_to(end):
                 num_computed = end
                 break
         tokens_by_tier: dict[str, int] = {}
@@ -121,6 +148,8 @@ class KVConnectorWorker:
         self._async_loads: dict[str, Future[LoadResult]] = {}
         self._saves: list[SaveSpec] = []
         self._save_copies: list[Future[None]] = []
+        # Copied out this step, queued for the tiers once the step's loads are known good.
+        self._step_puts: list[tuple[str, CacheEngineKey, torch.Tensor]] = []
         self._pending_save_bytes = 0
         self._pending_lock = threading.Lock()
         self.num_dropped_saves = 0
@@ -153,7 +182,7 @@ class KVConnectorWorker:
     def _load_all_layers(self, job: _LoadJob) -> LoadResult:
         for layer in self.layout.layers:
             job.load_layer(self.manager, layer, self.kv_caches[layer.layer_index])
-        return self._finish_job(job)
+        return self._finish_job(job)  # load_layer never raises: every fault is a short load
 
     def _finish_job(self, job: _LoadJob) -> LoadResult:
         result = job.result()
@@ -206,21 +235,35 @@ class KVConnectorWorker:
                     continue
                 blocks = torch.tensor(ids, dtype=torch.long, device=kv_cache.device)
                 data = kv_cache[:, blocks].reshape(shape).to("cpu", copy=True)
-                self._queue_put(layer.key(chunk_hash), data)
+                self._step_puts.append((spec.req_id, layer.key(chunk_hash), data))
 
-    def _queue_put(self, key: CacheEngineKey, data: torch.Tensor) -> None:
-        num_bytes = data.numel() * data.element_size()
-        with self._pending_lock:
-            if self._pending_save_bytes + num_bytes > MAX_PENDING_SAVE_BYTES:
-                self.num_dropped_saves += 1
-                return
-            self._pending_save_bytes += num_bytes
-        self._putter.submit(self._put, key, data, num_bytes)
+    def _queue_puts(self, rewound: set[str]) -> None:
+        """Hand this step's copies to the put thread, all of a request's or none.
 
-    def _put(self, key: CacheEngineKey, data: torch.Tensor, num_bytes: int) -> None:
+        A request whose in-step load fell short computed on missing KV: its
+        copies are dropped. So are a request's copies when the queue is full
+        (counted): a partial chunk set would make lookups promise KV that
+        loads then miss.
+        """
+        by_request: dict[str, list[tuple[CacheEngineKey, torch.Tensor]]] = {}
+        for req_id, key, data in self._step_puts:
+            by_request.setdefault(req_id, []).append((key, data))
+        self._step_puts = []
+        for req_id, puts in by_request.items():
+            if req_id in rewound:
+                continue
+            num_bytes = sum(data.numel() * data.element_size() for _, data in puts)
+            with self._pending_lock:
+                if self._pending_save_bytes + num_bytes > MAX_PENDING_SAVE_BYTES:
+                    self.num_dropped_saves += 1
+                    continue
+                self._pending_save_bytes += num_bytes
+            self._putter.submit(self._put, puts, num_bytes)
+
+    def _put(self, puts: list[tuple[CacheEngineKey, torch.Tensor]], num_bytes: int) -> None:
         try:
-            payload = data.view(torch.uint8).numpy()
-            self.manager.put(key, payload, tuple(data.shape), self.dtype_name)
+            for key, data in puts:
+                self.manager.put(key, data.view(torch.uint8).numpy(), tuple(data.shape), self.dtype_name)
         finally:
             with self._pending_lock:
                 self._pending_save_bytes -= num_bytes
@@ -230,11 +273,14 @@ class KVConnectorWorker:
     def finish_step(self, idle: bool) -> KVConnectorOutput:
         """Results of this step's in-step loads and of async loads that ended; waits briefly when `idle`."""
         finished = {}
+        for future in self._layer_loads:
+            if future is not None:
+                future.result()
         for job in self._sync_jobs:
-            for future in self._layer_loads:
-                if future is not None:
-                    future.result()
             finished[job.spec.req_id] = self._finish_job(job)
+        rewound = {job.spec.req_id for job in self._sync_jobs
+                   if finished[job.spec.req_id].num_computed_tokens < job.spec.end}
+        self._queue_puts(rewound)
         self._sync_jobs = []
         self._layer_loads = [None] * len(self.layout.layers)
         if idle and self._async_loads:
@@ -243,8 +289,13 @@ class KVConnectorWorker:
             finished[req_id] = self._async_loads.pop(req_id).result()
         return KVConnectorOutput(finished_loads=finished)
 
-    def has_pending_loads(self) -> bool:
-        return bool(self._async_loads)
+    def abort_step(self) -> None:
+        """The forward pass raised: wait until this step's transfers stopped touching the KV cache, drop them."""
+        for future in [*self._layer_loads, *self._save_copies]:
+            if future is not None:
+                wait([future])
+        self._sync_jobs, self._saves, self._save_copies, self._step_puts = [], [], [], []
+        self._layer_loads = [None] * len(self.layout.layers)
 
     def flush(self) -> None:
         """Wait for every queued put (tests and benchmarks use it to know the store holds what was saved)."""

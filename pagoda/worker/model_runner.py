@@ -118,8 +118,14 @@ class ModelRunner:
             kv_output = connector.finish_step(idle=True) if connector is not None else None
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], kv_connector_output=kv_output)
         inputs = self._prepare_inputs(scheduler_output)
-        attention = inputs.attention if connector is None else ConnectorAttention(inputs.attention, connector)
-        hidden = self.model(inputs.input_ids, inputs.positions, attention)
+        if connector is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
+        else:
+            try:
+                hidden = self.model(inputs.input_ids, inputs.positions, ConnectorAttention(inputs.attention, connector))
+            except BaseException:
+                connector.abort_step()  # no transfer may keep writing blocks the engine is about to free
+                raise
         kv_output = None
         if connector is not None:
             connector.wait_for_save()
@@ -199,6 +205,10 @@ class ModelRunner:
                 ids.extend(new_ids)
         batch = self.input_batch
         row = batch.req_id_to_index.get(req_id)
+        if resumed and row is not None:
+            # Restarted right after the step it ran in (a KV store load came back short): start the row afresh.
+            batch.remove_request(req_id)
+            row = None
         if row is None:
             batch.add_request(state)
             return

@@ -67,16 +67,56 @@ def test_in_step_load_computes_only_the_tail_and_caches_after_confirmation() -> 
     assert num_cached_blocks(scheduler) == 30 // BLOCK
 
 
-def test_short_in_step_load_rewinds_to_the_last_good_position() -> None:
-    scheduler, _ = connected_scheduler(num_stored=3)
+def test_short_in_step_load_restarts_from_the_good_prefix_and_saves_the_rest_again() -> None:
+    scheduler, lookup = connected_scheduler(num_stored=3)
     output = scheduler.schedule()
     outs = scheduler.update_from_output(output, runner_output(["a"], [[]], {"a": LoadResult(
         num_computed_tokens=8, tokens_by_tier={"cpu": 8})}))
     request = scheduler.requests["a"]
-    assert outs == [] and request.num_computed_tokens == 8 and request.num_output_tokens == 0
-    assert request.num_cached_tokens == 8
+    assert outs == [] and request.num_output_tokens == 0 and not scheduler.running
+    assert request.status == RequestStatus.PREEMPTED  # the worker saw it: it comes back as resumed
     assert num_cached_blocks(scheduler) == 8 // BLOCK  # only the KV that arrived
-    assert scheduler.schedule().num_scheduled_tokens == {"a": 22}
+    calls = lookup.calls
+    output = scheduler.schedule()
+    # The good prefix comes back from the prefix cache; the store is not asked again.
+    assert output.num_scheduled_tokens == {"a": 22} and lookup.calls == calls
+    assert output.scheduled_cached_reqs.resumed_from_preemption == [True]
+    assert output.kv_connector_metadata.loads == []
+    # Chunks past the good prefix were computed on missing KV in the failed step: saved again now.
+    assert [(s.first_chunk, len(s.chunk_hashes)) for s in output.kv_connector_metadata.saves] == [(1, 2)]
+
+
+def run_until_done(scheduler: Scheduler, max_steps: int = 60) -> bool:
+    """Drive the scheduler with a worker whose loads all succeed."""
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished_requests():
+            return True
+        output = scheduler.schedule()
+        ids = list(output.num_scheduled_tokens)
+        loads = {load.req_id: LoadResult(num_computed_tokens=load.end) for load in output.kv_connector_metadata.loads}
+        sampled = [[7] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else []
+                   for r in ids]
+        scheduler.update_from_output(output, runner_output(ids, sampled, loads))
+    return False
+
+
+def test_parked_requests_never_hold_the_pool_hostage() -> None:
+    # 12 usable blocks, 8 per request: a second request must not park on blocks the first needs.
+    scheduler, _ = connected_scheduler(num_stored=3, load_mode="async", num_blocks=13)
+    scheduler.add_request(make_request("b", PROMPT, block_size=None, max_tokens=4))
+    assert run_until_done(scheduler)
+
+
+def test_store_hit_takes_only_the_window_in_sliding_groups() -> None:
+    # 14 usable blocks: the whole prompt in both groups (8 + 8) would never fit; window + tail does.
+    scheduler, _ = connected_scheduler(num_stored=3, num_blocks=15, sliding_windows=(8,),
+                                       max_num_batched_tokens=8)
+    output = scheduler.schedule()
+    assert output.num_scheduled_tokens == {"a": 6}
+    sliding_blocks = output.kv_connector_metadata.loads[0].block_ids[1]
+    assert sliding_blocks[:4] == [0, 0, 0, 0]  # positions before the window of 24 hold the null block
+    scheduler.update_from_output(output, runner_output(["a"], [[7]], {"a": LoadResult(num_computed_tokens=24)}))
+    assert run_until_done(scheduler)
 
 
 def test_async_load_parks_the_request_and_resumes_without_a_second_lookup() -> None:
@@ -107,7 +147,7 @@ def test_abort_during_async_load_frees_blocks_only_when_the_load_ends() -> None:
     free_before = scheduler.kv_cache_manager.get_num_free_blocks()
     output = scheduler.schedule()
     held = free_before - scheduler.kv_cache_manager.get_num_free_blocks()
-    assert held == 24 // BLOCK
+    assert held == -(-30 // BLOCK)  # the whole prompt, taken when it parks
     scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
     assert scheduler.kv_cache_manager.get_num_free_blocks() == free_before - held  # still being written
     assert scheduler.has_unfinished_requests() and scheduler.get_num_unfinished_requests() == 0

@@ -108,3 +108,25 @@ def test_chunks_with_a_null_block_are_not_saved(connector):
     assert connector.manager.contains(layers[0].key(HASHES[0]))
     assert not connector.manager.contains(layers[1].key(HASHES[0]))  # dropped from the window already
     assert connector.manager.contains(layers[1].key(HASHES[1]))
+
+
+def test_a_short_load_never_counts_sliding_rows_that_were_not_loaded(connector):
+    # A 24-token prompt: the load ends at 20, whose window starts at 13, so the sliding layer loads rows 12 on.
+    save_three_chunks(connector)
+    connector.manager.remove(connector.layout.layers[0].key(HASHES[2]))  # full layer, last chunk
+    result = run_step(connector, KVConnectorMetadata(loads=[load_spec(end=20)])).finished_loads["reader"]
+    # 16 would need sliding rows 9..15, and rows 8..11 never arrived: nothing of the load is usable.
+    assert result.num_computed_tokens == 0
+
+
+def test_saves_of_a_request_whose_in_step_load_fell_short_are_dropped(connector):
+    save_three_chunks(connector)
+    layers = connector.layout.layers
+    connector.manager.remove(layers[0].key(HASHES[1]))
+    save = SaveSpec(req_id="reader", first_chunk=2, chunk_hashes=[b"computed-on-missing-kv"],
+                    block_ids=(LOADED_BLOCKS, LOADED_BLOCKS))
+    output = run_step(connector, KVConnectorMetadata(loads=[load_spec(end=16)], saves=[save]))
+    assert output.finished_loads["reader"].num_computed_tokens < 16
+    connector.flush()
+    assert not any(connector.manager.contains(layer.key(b"computed-on-missing-kv")) for layer in layers)
+
