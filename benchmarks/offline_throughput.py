@@ -62,7 +62,10 @@ WORKLOADS = {
     "single": Workload("Single-stream decode", 1, 256, 256, stream=True),
 }
 
-WEIGHTS = {"pagoda": "bf16", "transformers": "bf16", "vllm": "bf16", "llamacpp": "Q4_K_M"}
+WEIGHTS = {"pagoda": "bf16", "pagoda-int8": "bf16 + int8 linears", "transformers": "bf16", "vllm": "bf16",
+           "llamacpp": "Q4_K_M"}
+# Pagoda's int8 weights serve calls of up to 4 rows only: it runs in the single-stream workload.
+SINGLE_STREAM_ONLY = {"pagoda-int8"}
 
 
 def random_prompts(num_requests: int, prompt_len: int, seed: int) -> list[list[int]]:
@@ -99,12 +102,12 @@ def stream_one(engine: Any, prompt: Any, params: Any) -> tuple[list[int], list[f
 
 
 def run_pagoda(folder: str, prompts: list[list[int]], warmup: list[list[int]], max_tokens: int,
-               stream: bool) -> dict:
+               stream: bool, quantization: str | None = None) -> dict:
     started = time.perf_counter()
     from pagoda import LLM, SamplingParams
     from pagoda.sampling_params import RequestOutputKind
 
-    llm = LLM(folder, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=4096)
+    llm = LLM(folder, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=4096, quantization=quantization)
     startup = time.perf_counter() - started
     llm.generate(warmup, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     if stream:
@@ -183,6 +186,11 @@ def run_transformers(folder: str, prompts: list[list[int]], warmup: list[list[in
             "num_output_tokens": int(new.numel())}
 
 
+def run_pagoda_int8(folder: str, prompts: list[list[int]], warmup: list[list[int]], max_tokens: int,
+                    stream: bool) -> dict:
+    return run_pagoda(folder, prompts, warmup, max_tokens, stream, quantization="int8")
+
+
 def run_llamacpp(gguf: str, prompts: list[list[int]], warmup: list[list[int]], max_tokens: int,
                  stream: bool) -> dict:
     from llamacpp_runner import run_llamacpp as run
@@ -191,8 +199,8 @@ def run_llamacpp(gguf: str, prompts: list[list[int]], warmup: list[list[int]], m
 
 
 Runner = Callable[[str, list[list[int]], list[list[int]], int, bool], dict]
-RUNNERS: dict[str, Runner] = {"pagoda": run_pagoda, "transformers": run_transformers, "vllm": run_vllm,
-                              "llamacpp": run_llamacpp}
+RUNNERS: dict[str, Runner] = {"pagoda": run_pagoda, "pagoda-int8": run_pagoda_int8, "transformers": run_transformers,
+                              "vllm": run_vllm, "llamacpp": run_llamacpp}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -213,7 +221,8 @@ class Engine:
 
 def available_engines(args: argparse.Namespace) -> tuple[list[Engine], list[str]]:
     """Engines to run, and notes on peers left out because their venv is missing."""
-    engines = [Engine("pagoda", sys.executable, {}), Engine("transformers", sys.executable, {})]
+    engines = [Engine("pagoda", sys.executable, {}), Engine("pagoda-int8", sys.executable, {}),
+               Engine("transformers", sys.executable, {})]
     notes = []
     vllm_python = Path(args.vllm_venv) / "bin" / "python"
     if vllm_python.exists():
@@ -365,7 +374,8 @@ def main() -> None:
                              for key, value in overrides.items()}})
         if workload.stream:
             run_args.num_requests = 1
-        results = {engine.name: run_child(engine, name, run_args) for engine in engines}
+        results = {engine.name: run_child(engine, name, run_args) for engine in engines
+                   if workload.stream or engine.name not in SINGLE_STREAM_ONLY}
         table = (single_stream_table if workload.stream else throughput_table)(results, run_args, notes)
         print(f"## {workload.title}\n\n{table}\n", flush=True)
         if not args.no_write:
