@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
-from pagoda.models.layers import PACKED_MODULES_MAPPING, compute_logits
+from pagoda.models.layers import PACKED_MODULES_MAPPING, compute_logits, pack_for_cpu
 from pagoda.models.quantization import Int8Weight
 
 
@@ -25,6 +25,7 @@ class CausalLM(nn.Module):
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
         self.ignored_weights = frozenset({"lm_head.weight"} if tied else ())
         self.lm_head_int8: Int8Weight | None = None
+        self.lm_head_packed: Tensor | None = None
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
         """input_ids and positions [T] -> hidden states [T, hidden_size]."""
@@ -32,13 +33,20 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size], soft-capped when the config says so."""
-        return compute_logits(hidden, self._lm_head_weight(), self.final_logit_softcap, self.lm_head_int8)
+        return compute_logits(hidden, self._lm_head_weight(), self.final_logit_softcap, self.lm_head_int8,
+                              self.lm_head_packed)
 
     def quantize_int8(self) -> None:
         """An int8 copy of the LM head for few-row calls; the embedding (tied) or lm_head weight stays."""
         self.lm_head_int8 = Int8Weight.quantize(self._lm_head_weight())
 
-    def _lm_head_weight(self) -> Tensor:
+    def pack_weight(self) -> None:
+        """The LM head in CPU-packed form: beside the embedding when tied, instead of lm_head's weight if not."""
+        self.lm_head_packed = pack_for_cpu(self._lm_head_weight())
+        if self.lm_head_packed is not None and self.lm_head is not None:
+            self.lm_head.weight = None
+
+    def _lm_head_weight(self) -> Tensor | None:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def attention_layer_specs(self) -> list[AttentionLayerSpec]:

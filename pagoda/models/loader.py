@@ -6,7 +6,9 @@ either adopted as the parameter (plain weights, no copy) or copied into its
 rows of a fused weight (`packed_modules_mapping`). Derived buffers (rotary
 tables) are built last on the target device. Every parameter must be filled
 by exactly the checkpoint's tensors: a missing or unexpected name is an error.
-With `quantization="int8"`, the loaded weights then get their int8 copies.
+With `quantization="int8"`, the loaded weights then get their int8 copies;
+last, projections that can take a faster CPU layout are packed
+(`pack_weight()`, see `pagoda.models.layers.pack_for_cpu`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, quantizat
         if hasattr(module, "init_buffers"):
             module.init_buffers(torch.device(device), dtype)
     quantize_model(model, quantization)
+    for module in model.modules():
+        if hasattr(module, "pack_weight"):
+            module.pack_weight()
     return model.eval()
 
 
