@@ -1,16 +1,17 @@
-"""Models layer: opt-in weight-only int8 (`quantization="int8"`), used where it is faster — small batches.
+"""Models layer: opt-in weight-only int8 (`quantization="int8"`), used where it is faster — single rows.
 
-A decode step over a few sequences is bound by reading the weights, so an
-int8 copy of each weight (one scale per output channel, absmax / 127) halves
-the bytes it reads; `torch.ops.aten._weight_int8pack_mm` multiplies the
+A decode step over one sequence is bound by reading the weights, so an int8
+copy of each weight (one scale per output channel, absmax / 127) halves the
+bytes it reads; `torch.ops.aten._weight_int8pack_mm` multiplies the
 activations, still in the model dtype, by it. That kernel is a
-matrix-vector product at heart: measured on Gemma 3 270M (bf16, 2 cores), a
-whole decode step is 1.6x faster with it at 1 to 4 sequences, 0.9x at 8 and
-0.43x at 64. So each quantized layer keeps its original weight as well, and
-calls with more than `INT8_MAX_ROWS` rows (large decode batches, prefill)
-multiply by that: int8 buys small-batch speed for half the linear weights'
-memory again. A tied LM head's original weight is the embedding table, which
-stays anyway, so its int8 copy is the only addition.
+matrix-vector product at heart. Measured on Gemma 3 270M (2 cores), against
+bf16 weights packed for oneDNN (`layers.pack_for_cpu`), a whole decode step
+with it is 1.14x faster for one sequence, 1.03x for two, 0.81x for four (and
+0.43x for 64 against plain bf16). So each quantized layer keeps its original
+weight as well, and calls with more than `INT8_MAX_ROWS` rows multiply by
+that: int8 buys single-stream speed for half the linear weights' memory
+again. A tied LM head's original weight is the embedding table, which stays
+anyway, so its int8 copy is the only addition.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 QUANTIZATIONS = (None, "int8")
 # Above this many rows per call, the model dtype's own GEMM beats `_weight_int8pack_mm` (see the docstring).
-INT8_MAX_ROWS = 4
+INT8_MAX_ROWS = 1
 # Rows of a weight quantized at once: bounds the float32 temporaries (the 262k-row Gemma LM head).
 _QUANTIZE_ROWS = 16384
 

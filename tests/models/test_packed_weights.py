@@ -12,6 +12,7 @@ from test_models_tiny import folder, gemma_folder, llama_folder  # noqa: F401  (
 
 from pagoda.models import causal_lm, layers, load_model
 from pagoda.models.layers import Linear, pack_for_cpu
+from pagoda.models.quantization import INT8_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(pack_for_cpu(torch.zeros(8, 8, dtype=torch.bfloat16)) is None,
                                 reason="no oneDNN bf16 on this CPU")
@@ -41,7 +42,7 @@ def test_int8_takes_few_rows_and_packed_the_rest():
     weight = linear.weight.detach().clone()
     linear.quantize_int8()
     linear.pack_weight()
-    few, many = torch.randn(2, 48).bfloat16(), torch.randn(16, 48).bfloat16()
+    few, many = torch.randn(INT8_MAX_ROWS, 48).bfloat16(), torch.randn(16, 48).bfloat16()
     assert torch.equal(linear(few), linear.int8.matmul(few))
     assert torch.equal(linear(many), F.linear(many, weight))
 
