@@ -20,10 +20,6 @@ import torch
 from pagoda.worker.attention.paged_attention import DecodeMetadata, GroupAttentionMetadata, PrefillMetadata
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def build_group_metadata(
     block_table: np.ndarray,  # [R, max_blocks] block ids of the batch rows
     num_blocks: np.ndarray,  # [R] how many entries of each row are valid
@@ -65,11 +61,10 @@ def _build_decode(block_table: np.ndarray, num_blocks: np.ndarray, num_computed:
     query_pos = num_computed[rows]
     if sliding_window is None:
         first = np.zeros_like(query_pos)
-        width = int(query_pos.max()) // block_size + 1
     else:
         first = np.maximum(query_pos - sliding_window + 1, 0) // block_size
-        width = _cdiv(sliding_window - 1, block_size) + 1
-    width = min(width, block_table.shape[1])
+    # As many block columns as the longest row needs, not the whole window: a young sequence needs fewer.
+    width = int((query_pos // block_size - first).max()) + 1
     cols = first[:, None] + np.arange(width)[None, :]
     in_table = cols < num_blocks[rows][:, None]
     ids = np.where(in_table, block_table[rows[:, None], np.minimum(cols, block_table.shape[1] - 1)], 0)
