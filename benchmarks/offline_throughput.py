@@ -64,7 +64,7 @@ WORKLOADS = {
 
 WEIGHTS = {"pagoda": "bf16", "pagoda-int8": "bf16 + int8 linears", "transformers": "bf16", "vllm": "bf16",
            "llamacpp": "Q4_K_M"}
-# Pagoda's int8 weights serve calls of up to 4 rows only: it runs in the single-stream workload.
+# Pagoda's int8 weights serve single-row calls only: it runs in the single-stream workload.
 SINGLE_STREAM_ONLY = {"pagoda-int8"}
 
 
