@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,44 @@ def test_saves_of_a_request_whose_in_step_load_fell_short_are_dropped(connector)
     connector.flush()
     assert not any(connector.manager.contains(layer.key(b"computed-on-missing-kv")) for layer in layers)
 
+
+
+def native_thread_count() -> int:
+    """OS threads of this process that Python did not start (OpenMP teams, ZMQ I/O threads)."""
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or (os.cpu_count() or 1) < 2,
+                    reason="needs Linux /proc and two cores")
+@pytest.mark.parametrize("load_mode", ["layerwise", "async"])
+def test_connector_threads_never_start_a_second_openmp_team(tmp_path: Path, load_mode: str):
+    # A second team means more OpenMP threads than cores: libgomp then stops spinning at barriers and
+    # every parallel region of later forward passes pays futex wake-ups (decode steps ran ~20% slower).
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        caches = [torch.randn(2, NUM_BLOCKS, 64, 16, 64) for _ in range(2)]
+        layout_config = KVCacheConfig(num_blocks=NUM_BLOCKS, groups=(
+            KVCacheGroupSpec((0, 1), FullAttentionSpec(block_size=64, num_kv_heads=16, head_size=64, dtype_size=4)),))
+        config = KVTransferConfig("cpu:64MiB", chunk_size=128, load_mode="layerwise")
+        worker = KVConnectorWorker(config, StoreLayout("tiny", "float32", layout_config, 128), caches,
+                                   f"ipc://{tmp_path}/lookup")
+        try:
+            assert caches[0][:, [1, 2]].numel() > 32768  # above torch's grain size: copies would fork a team
+            before = native_thread_count()
+            save = SaveSpec(req_id="writer", first_chunk=0, chunk_hashes=[b"c0"], block_ids=([1, 2],))
+            run_step(worker, KVConnectorMetadata(saves=[save]))
+            worker.flush()
+            spec = LoadSpec(req_id="reader", start=0, end=128, first_chunk=0, chunk_hashes=[b"c0"],
+                            block_ids=([11, 12],), is_async=load_mode == "async")
+            finished = dict(run_step(worker, KVConnectorMetadata(loads=[spec])).finished_loads)
+            while "reader" not in finished:
+                finished.update(worker.finish_step(idle=True).finished_loads)
+            assert finished["reader"].num_computed_tokens == 128
+            assert torch.equal(caches[1][:, [11, 12]], caches[1][:, [1, 2]])
+            assert native_thread_count() == before
+            assert torch.get_num_threads() == 2  # the side threads' setting stays theirs
+        finally:
+            worker.close()
+    finally:
+        torch.set_num_threads(previous_threads)
