@@ -20,6 +20,7 @@ class CausalLM(nn.Module):
         self.specs = specs
         self.model = model
         self.final_logit_softcap = final_logit_softcap
+        self.vocab_size: int = config["vocab_size"]
         tied = bool(config.get("tie_word_embeddings", tie_by_default))
         self.lm_head = None if tied else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
@@ -31,10 +32,11 @@ class CausalLM(nn.Module):
         """input_ids and positions [T] -> hidden states [T, hidden_size]."""
         return self.model(input_ids, positions, attention)
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [N, hidden_size] -> float32 logits [N, vocab_size], soft-capped when the config says so."""
+    def compute_logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size] (into `out` when given), soft-capped when
+        the config says so."""
         return compute_logits(hidden, self._lm_head_weight(), self.final_logit_softcap, self.lm_head_int8,
-                              self.lm_head_packed)
+                              self.lm_head_packed, out)
 
     def quantize_int8(self) -> None:
         """An int8 copy of the LM head for few-row calls; the embedding (tied) or lm_head weight stays."""

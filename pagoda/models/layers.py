@@ -246,9 +246,12 @@ class Attention(nn.Module):
 
 
 def compute_logits(hidden: Tensor, lm_head_weight: Tensor | None, softcap: float | None,
-                   lm_head_int8: Int8Weight | None = None, lm_head_packed: Tensor | None = None) -> Tensor:
-    """float32 logits [N, vocab]; the projection runs in the weights' dtype, the softcap in float32."""
-    logits = project(hidden, lm_head_weight, lm_head_int8, lm_head_packed).float()
+                   lm_head_int8: Int8Weight | None = None, lm_head_packed: Tensor | None = None,
+                   out: Tensor | None = None) -> Tensor:
+    """float32 logits [N, vocab], written into `out` when given; the projection runs in the weights' dtype,
+    the softcap in float32."""
+    projected = project(hidden, lm_head_weight, lm_head_int8, lm_head_packed)
+    logits = projected.float() if out is None else out.copy_(projected)
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+        logits.div_(softcap).tanh_().mul_(softcap)  # in place: `logits` is a fresh tensor or the caller's scratch
     return logits

@@ -177,3 +177,20 @@ def test_wrong_shape_is_named(llama_folder: Path, tmp_path: Path) -> None:
     broken = _rewrite_weights(llama_folder, tmp_path / "s", shrink)
     with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(63,\), expected \(64,\)"):
         load_model(broken, torch.float32, torch.device("cpu"))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_written_into_a_reused_buffer_equal_fresh_ones(gemma_folder: Path, dtype: torch.dtype) -> None:
+    # The model runner reuses one float32 buffer for every step's sampled logits; the soft cap runs in place.
+    model = load_model(gemma_folder, dtype, torch.device("cpu"))
+    assert model.final_logit_softcap is not None
+    hidden = torch.randn(5, model.model.embed_tokens.weight.shape[1]).to(dtype)
+    scratch = torch.full((8, model.vocab_size), float("nan"))  # left over from an earlier, larger step
+    written = model.compute_logits(hidden, out=scratch[:5])
+    fresh = model.compute_logits(hidden)
+    assert written.data_ptr() == scratch.data_ptr() and written.dtype == torch.float32
+    assert torch.equal(written, fresh)
+    cap, model.final_logit_softcap = model.final_logit_softcap, None
+    uncapped = model.compute_logits(hidden)
+    assert torch.equal(fresh, torch.tanh(uncapped / cap) * cap)
