@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
-from pagoda.models.layers import PACKED_MODULES_MAPPING, compute_logits, pack_for_cpu
+from pagoda.models.layers import PACKED_MODULES_MAPPING, compute_logits, pack_lm_head_for_cpu
 from pagoda.models.quantization import Int8Weight
 
 
@@ -26,7 +26,7 @@ class CausalLM(nn.Module):
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
         self.ignored_weights = frozenset({"lm_head.weight"} if tied else ())
         self.lm_head_int8: Int8Weight | None = None
-        self.lm_head_packed: Tensor | None = None
+        self.lm_head_packed: list[Tensor] | None = None
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
         """input_ids and positions [T] -> hidden states [T, hidden_size]."""
@@ -44,7 +44,7 @@ class CausalLM(nn.Module):
 
     def pack_weight(self) -> None:
         """The LM head in CPU-packed form: beside the embedding when tied, instead of lm_head's weight if not."""
-        self.lm_head_packed = pack_for_cpu(self._lm_head_weight())
+        self.lm_head_packed = pack_lm_head_for_cpu(self._lm_head_weight())
         if self.lm_head_packed is not None and self.lm_head is not None:
             self.lm_head.weight = None
 

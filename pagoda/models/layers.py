@@ -245,13 +245,36 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
+# Vocabulary rows per packed LM-head slice. A [64, 262k] bf16 result (33 MB) is mapped fresh by glibc and
+# faulted in at every batch-64 decode step; [64, 16k] slices (2 MB) reuse heap memory, and each is widened
+# into the float32 logits while still in cache: 62 -> 55 ms per call here, bit-identical.
+LM_HEAD_SLICE_ROWS = 16384
+
+
+def pack_lm_head_for_cpu(weight: Tensor) -> list[Tensor] | None:
+    """The LM head weight [vocab, hidden] as packed slices of LM_HEAD_SLICE_ROWS rows; None where
+    `pack_for_cpu` does not apply."""
+    slices = [pack_for_cpu(weight[start : start + LM_HEAD_SLICE_ROWS])
+              for start in range(0, weight.shape[0], LM_HEAD_SLICE_ROWS)]
+    return None if any(packed is None for packed in slices) else slices  # type: ignore[return-value]
+
+
 def compute_logits(hidden: Tensor, lm_head_weight: Tensor | None, softcap: float | None,
-                   lm_head_int8: Int8Weight | None = None, lm_head_packed: Tensor | None = None,
+                   lm_head_int8: Int8Weight | None = None, lm_head_packed: list[Tensor] | None = None,
                    out: Tensor | None = None) -> Tensor:
     """float32 logits [N, vocab], written into `out` when given; the projection runs in the weights' dtype,
     the softcap in float32."""
-    projected = project(hidden, lm_head_weight, lm_head_int8, lm_head_packed)
-    logits = projected.float() if out is None else out.copy_(projected)
+    if lm_head_packed is not None and not (lm_head_int8 is not None and lm_head_int8.applies_to(hidden)):
+        vocab_size = sum(packed.shape[0] for packed in lm_head_packed)
+        logits = out if out is not None else hidden.new_empty(hidden.shape[0], vocab_size, dtype=torch.float32)
+        start = 0
+        for packed in lm_head_packed:
+            end = start + packed.shape[0]
+            logits[:, start:end] = torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")
+            start = end
+    else:
+        projected = project(hidden, lm_head_weight, lm_head_int8, None)
+        logits = projected.float() if out is None else out.copy_(projected)
     if softcap is not None:
         logits.div_(softcap).tanh_().mul_(softcap)  # in place: `logits` is a fresh tensor or the caller's scratch
     return logits

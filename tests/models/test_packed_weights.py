@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dense_attention import prefill_logits
 from test_models_tiny import folder, gemma_folder, llama_folder  # noqa: F401  (fixtures)
 
-from pagoda.models import causal_lm, layers, load_model
+from pagoda.models import layers, load_model
 from pagoda.models.layers import Linear, pack_for_cpu
 from pagoda.models.quantization import INT8_MAX_ROWS
 
@@ -50,11 +50,12 @@ def test_int8_takes_few_rows_and_packed_the_rest():
 @torch.no_grad()
 def test_packed_model_equals_plain_model(folder: Path, monkeypatch) -> None:  # noqa: F811
     """Tied (Gemma: packed copy beside the embedding) and untied (Llama: packed instead of lm_head.weight)."""
+    monkeypatch.setattr(layers, "LM_HEAD_SLICE_ROWS", 48)  # several slices, the last one ragged
     packed = load_model(folder, torch.bfloat16, torch.device("cpu"))
     monkeypatch.setattr(layers, "pack_for_cpu", lambda weight: None)
-    monkeypatch.setattr(causal_lm, "pack_for_cpu", lambda weight: None)
     plain = load_model(folder, torch.bfloat16, torch.device("cpu"))
     assert packed.lm_head_packed is not None and plain.lm_head_packed is None
+    assert len(packed.lm_head_packed) > 1 and packed.vocab_size % 48 != 0
     assert packed.model.embed_tokens.weight is not None
     token_ids = [5, 17, 3, 60, 41, 8, 22, 90, 11, 2]
     assert torch.equal(prefill_logits(packed, token_ids), prefill_logits(plain, token_ids))
