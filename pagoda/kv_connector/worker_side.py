@@ -10,11 +10,13 @@ the request is reported with the longest prefix whose KV arrived whole in
 every layer that needs it (sliding-window layers only need their window).
 
 Saves: after a layer's KV is written (`save_kv_layer`, layerwise) or after
-the forward pass (bulk), the blocks of each newly completed prompt chunk are
-copied out on the transfer thread; `wait_for_save` waits for those copies, so
-a step never returns while a save still reads blocks the scheduler may hand
-to someone else. Encoding and writing to the tiers happen later on a put
-thread, from the private copies.
+the forward pass (bulk, in `wait_for_save`), the blocks of every prompt chunk
+completed this step are copied out on the compute thread, one gather per
+layer. That keeps the copies off the cores' other work (a side thread's
+copies contend with the forward pass's OpenMP team) and means a step never
+returns while a save still reads blocks the scheduler may hand to someone
+else. Moving the copies to host memory (on an accelerator), encoding and
+writing to the tiers happen later on a put thread at the lowest CPU priority.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from pagoda.config import KVTransferConfig
 from pagoda.kv_connector.layout import LayerLayout, StoreLayout
 from pagoda.kv_connector.metadata import KVConnectorMetadata, KVConnectorOutput, LoadResult, LoadSpec, SaveSpec
+from pagoda.kvstore.background import lower_current_thread_priority
 from pagoda.kvstore.config import build_storage_manager, parse_kv_store_spec
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.lookup import LookupServer
@@ -142,12 +145,11 @@ class KVConnectorWorker:
         self.lookup_server.start()
         self._transfer = ThreadPoolExecutor(1, "pagoda-kv-transfer", _single_threaded_torch)
         self._async_loader = ThreadPoolExecutor(1, "pagoda-kv-load", _single_threaded_torch)
-        self._putter = ThreadPoolExecutor(1, "pagoda-kv-put", _single_threaded_torch)
+        self._putter = ThreadPoolExecutor(1, "pagoda-kv-put", _background_writer)
         self._sync_jobs: list[_LoadJob] = []
         self._layer_loads: list[Future[None] | None] = [None] * len(layout.layers)
         self._async_loads: dict[str, Future[LoadResult]] = {}
         self._saves: list[SaveSpec] = []
-        self._save_copies: list[Future[None]] = []
         # Copied out this step, queued for the tiers once the step's loads are known good.
         self._step_puts: list[tuple[str, CacheEngineKey, torch.Tensor]] = []
         self._pending_save_bytes = 0
@@ -208,23 +210,22 @@ class KVConnectorWorker:
     def save_kv_layer(self, layer_index: int) -> None:
         """Layer `layer_index` is written for this step: copy out its newly completed chunks (layerwise)."""
         if self._saves and self.config.load_mode != "bulk":
-            layer = self.layout.layers[layer_index]
-            self._save_copies.append(self._transfer.submit(self._copy_out, layer, list(self._saves)))
+            self._copy_out(self.layout.layers[layer_index], self._saves)
 
     def wait_for_save(self) -> None:
         """Return once this step's saves no longer read the KV cache (bulk mode copies them out now)."""
         if self._saves and self.config.load_mode == "bulk":
             for layer in self.layout.layers:
                 self._copy_out(layer, self._saves)
-        for future in self._save_copies:
-            future.result()
-        self._save_copies = []
         self._saves = []
 
     def _copy_out(self, layer: LayerLayout, saves: list[SaveSpec]) -> None:
+        """Copy this layer's chunks of `saves` out of the cache with one gather, each chunk contiguous."""
         kv_cache = self.kv_caches[layer.layer_index]
+        num_blocks = kv_cache.shape[1]
         blocks_per_chunk = self.layout.chunk_size // self.layout.block_size
-        shape = (2, self.layout.chunk_size, layer.num_kv_heads, layer.head_size)
+        rows: list[int] = []  # per chunk: its K blocks, then its V blocks, in the cache viewed as [2 * blocks]
+        chunks: list[tuple[str, CacheEngineKey]] = []
         for spec in saves:
             block_ids = spec.block_ids[layer.group_index]
             for offset, chunk_hash in enumerate(spec.chunk_hashes):
@@ -233,9 +234,17 @@ class KVConnectorWorker:
                 # Block 0 is the null block: this layer's window dropped part of the chunk already.
                 if len(ids) < blocks_per_chunk or 0 in ids:
                     continue
-                blocks = torch.tensor(ids, dtype=torch.long, device=kv_cache.device)
-                data = kv_cache[:, blocks].reshape(shape).to("cpu", copy=True)
-                self._step_puts.append((spec.req_id, layer.key(chunk_hash), data))
+                rows += ids
+                rows += [num_blocks + block_id for block_id in ids]
+                chunks.append((spec.req_id, layer.key(chunk_hash)))
+        if not chunks:
+            return
+        flat = kv_cache.view(2 * num_blocks, *kv_cache.shape[2:])  # a view: never a copy of the whole cache
+        gathered = flat[torch.tensor(rows, dtype=torch.long, device=kv_cache.device)]
+        shape = (2, self.layout.chunk_size, layer.num_kv_heads, layer.head_size)
+        for index, (req_id, key) in enumerate(chunks):
+            data = gathered[index * 2 * blocks_per_chunk : (index + 1) * 2 * blocks_per_chunk].view(shape)
+            self._step_puts.append((req_id, key, data))
 
     def _queue_puts(self, rewound: set[str]) -> None:
         """Hand this step's copies to the put thread, all of a request's or none.
@@ -263,7 +272,8 @@ class KVConnectorWorker:
     def _put(self, puts: list[tuple[CacheEngineKey, torch.Tensor]], num_bytes: int) -> None:
         try:
             for key, data in puts:
-                self.manager.put(key, data.view(torch.uint8).numpy(), tuple(data.shape), self.dtype_name)
+                host = data.cpu()  # a no-op on CPU; on an accelerator the copy waits here, off the step
+                self.manager.put(key, host.view(torch.uint8).numpy(), tuple(host.shape), self.dtype_name)
         finally:
             with self._pending_lock:
                 self._pending_save_bytes -= num_bytes
@@ -291,10 +301,10 @@ class KVConnectorWorker:
 
     def abort_step(self) -> None:
         """The forward pass raised: wait until this step's transfers stopped touching the KV cache, drop them."""
-        for future in [*self._layer_loads, *self._save_copies]:
+        for future in self._layer_loads:
             if future is not None:
                 wait([future])
-        self._sync_jobs, self._saves, self._save_copies, self._step_puts = [], [], [], []
+        self._sync_jobs, self._saves, self._step_puts = [], [], []
         self._layer_loads = [None] * len(self.layout.layers)
 
     def flush(self) -> None:
@@ -323,6 +333,11 @@ def _single_threaded_torch() -> None:
     at barriers (more OpenMP threads than cores), and every parallel region of the forward pass then
     pays futex wake-ups — decode steps ran ~20% slower for the rest of the run after the first save."""
     torch.set_num_threads(1)
+
+
+def _background_writer() -> None:
+    _single_threaded_torch()
+    lower_current_thread_priority()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

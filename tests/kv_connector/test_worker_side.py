@@ -169,6 +169,8 @@ def test_connector_threads_never_start_a_second_openmp_team(tmp_path: Path, load
             assert torch.equal(caches[1][:, [11, 12]], caches[1][:, [1, 2]])
             assert native_thread_count() == before
             assert torch.get_num_threads() == 2  # the side threads' setting stays theirs
+            putter = next(t for t in threading.enumerate() if t.name.startswith("pagoda-kv-put"))
+            assert os.sched_getscheduler(putter.native_id) == os.SCHED_IDLE  # writes only fill idle cores
         finally:
             worker.close()
     finally:

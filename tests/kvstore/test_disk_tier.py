@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import threading
 import time
@@ -233,3 +234,18 @@ def test_a_queued_delete_never_removes_a_later_put_of_the_same_key(
     assert path.exists()
     assert tier.get(key) == entry
     tier.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_writer_threads_run_only_when_a_core_would_idle(tmp_path: Path):
+    # At the engine's priority, disk writes stalled the forward pass's OpenMP team (see pagoda.kvstore.background).
+    tier = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    try:
+        key = make_key(0)
+        assert tier.put(key, make_entry(key))
+        tier.flush()
+        workers = [t for t in threading.enumerate() if t.name.startswith("pagoda-kv-disk-")]
+        assert workers and all(os.sched_getscheduler(t.native_id) == os.SCHED_IDLE for t in workers)
+        assert os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE  # the caller keeps its own
+    finally:
+        tier.close()

@@ -33,6 +33,7 @@ from itertools import count
 from pathlib import Path
 from queue import PriorityQueue
 
+from pagoda.kvstore.background import lower_current_thread_priority
 from pagoda.kvstore.entry import CorruptEntryError, peek_entry_key
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.policies import make_policy
@@ -269,6 +270,7 @@ class DiskTier(StorageTier):
         self._queue.put((priority, next(self._seq), task))
 
     def _work(self) -> None:
+        lower_current_thread_priority()  # writes and deletes must not slow the engine's compute
         while True:
             _, _, task = self._queue.get()
             try:
