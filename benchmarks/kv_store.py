@@ -173,6 +173,9 @@ def main() -> None:
         "| where the KV comes from | TTFT | ÷ cold | tier load throughput |",
         "|---|---|---|---|",
         *[f"| {label} | {median[key]:.3f} s | {median[key] / cold:.3f} | {tp} |" for label, key, tp in rows],
+        "",
+        "The two cold rows come from different processes; on this shared 2-core machine one 8k-token prefill "
+        "varies by up to ±15% between processes, so read the store's cost from the alternating pairs below.",
     ]
     if offline["on"]:
         off = [run["output_tps"] for run in offline["off"]]
