@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pagoda.models.interfaces import AttentionLayerSpec
+from pagoda.worker.attention import metadata as metadata_module
 from pagoda.worker.attention import paged_attention
 from pagoda.worker.attention.cpu_decode_attention import load_cpu_decode_attention
 from pagoda.worker.attention.metadata import build_group_metadata
@@ -127,3 +128,23 @@ def test_long_prefill_is_split_into_query_chunks(monkeypatch):
     qkv, outputs = run_steps([21], [[21]], spec)
     q, k, v = qkv[0]
     torch.testing.assert_close(outputs[0], dense_reference(q, k, v, spec), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5, 9])
+def test_prefill_tiles_see_exactly_their_keys(monkeypatch, window):
+    # Tiles of 3 queries: several per chunk, later chunks start mid-sequence, windows cut keys on the left.
+    monkeypatch.setattr(metadata_module, "PREFILL_QUERY_TILE", 3)
+    spec = AttentionLayerSpec(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, scale=HEAD_DIM**-0.5, sliding_window=window)
+    seq_lens = [21, 16]
+    qkv, outputs = run_steps(seq_lens, [[10, 7], [11, 9]], spec, null_outside=True)
+    for (q, k, v), out in zip(qkv, outputs):
+        torch.testing.assert_close(out, dense_reference(q, k, v, spec), atol=1e-5, rtol=1e-5)
+    tiles = build_group_metadata(np.array([[1, 2, 3, 4, 5, 6]]), np.array([6]), np.array([10]), np.array([11]),
+                                 np.arange(10, 21), np.zeros(11, dtype=np.int64), BLOCK_SIZE, window,
+                                 torch.device("cpu")).prefills[0].tiles
+    assert [(t.query_begin, t.query_end) for t in tiles] == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    key_start = 0 if window is None else max(10 - window + 1, 0) // BLOCK_SIZE * BLOCK_SIZE
+    # The last tile's queries are positions 19..20: they see keys through position 20.
+    assert tiles[-1].key_end == 21 - key_start
+    if window is not None:
+        assert tiles[-1].key_begin == 19 - window + 1 - key_start  # the window of position 19 starts there

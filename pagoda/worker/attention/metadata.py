@@ -17,7 +17,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pagoda.worker.attention.paged_attention import DecodeMetadata, GroupAttentionMetadata, PrefillMetadata
+from pagoda.worker.attention.paged_attention import (
+    DecodeMetadata,
+    GroupAttentionMetadata,
+    PrefillMetadata,
+    QueryTile,
+)
 
 
 def build_group_metadata(
@@ -46,6 +51,13 @@ def build_group_metadata(
     return GroupAttentionMetadata(
         slot_mapping=torch.from_numpy(slots).to(device), decode=decode, prefills=prefills
     )
+
+
+# Prefill queries are attended in tiles of this many, each against only the keys some query of it sees:
+# causal halves the work, a sliding window bounds it, and a tile's float32 scores ([H, 256, keys]) stay
+# small enough to land in reused memory rather than fresh pages. The same 8,000 prompt tokens as 4 prompts of
+# 2,000: 12.2 -> 6.9 s (as 32 of 250, unchanged at 5.4 s).
+PREFILL_QUERY_TILE = 256
 
 
 def _key_mask(key_positions: np.ndarray, query_positions: np.ndarray, sliding_window: int | None) -> np.ndarray:
@@ -88,9 +100,17 @@ def _build_prefill(row_blocks: np.ndarray, computed: int, scheduled: int, token_
     key_pos = np.arange(first * block_size, (last + 1) * block_size)
     query_pos = np.arange(computed, computed + scheduled)
     mask = _key_mask(key_pos[None, :], query_pos[:, None], sliding_window)
+    key_start = first * block_size
+    tiles = []
+    for begin in range(0, scheduled, PREFILL_QUERY_TILE):
+        end = min(begin + PREFILL_QUERY_TILE, scheduled)
+        # Causal: no query of the tile sees past its last; the window: none sees before its first one's window.
+        keys_begin = 0 if sliding_window is None else max(computed + begin - sliding_window + 1 - key_start, 0)
+        tiles.append(QueryTile(begin, end, keys_begin, computed + end - key_start))
     return PrefillMetadata(
         token_start=token_start,
         token_end=token_start + scheduled,
         block_ids=torch.from_numpy(row_blocks[first : last + 1].copy()).to(device),
         mask=torch.from_numpy(mask).to(device),
+        tiles=tiles,
     )

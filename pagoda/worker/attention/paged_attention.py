@@ -7,7 +7,7 @@ kernel reads their blocks in place (`cpu_decode_attention`); elsewhere, or
 when the kernel cannot be built, the portable path gathers their blocks and
 runs one padded, masked attention. Requests with many query tokens (prefill
 chunks) are attended one by one with a causal mask offset by their computed
-tokens. Sliding-window groups only gather the blocks inside the window, so
+tokens, in tiles of queries, each against only the keys it can see. Sliding-window groups only gather the blocks inside the window, so
 their cost stays flat as a sequence grows.
 """
 
@@ -32,11 +32,22 @@ class DecodeMetadata:
 
 
 @dataclass
+class QueryTile:
+    """Prefill queries attended together, against only the keys some query of them sees (see metadata.py)."""
+
+    query_begin: int  # [query_begin, query_end) of the request's scheduled tokens
+    query_end: int
+    key_begin: int  # [key_begin, key_end) of its gathered keys: every key some query of the tile sees
+    key_end: int
+
+
+@dataclass
 class PrefillMetadata:
     token_start: int
     token_end: int
     block_ids: torch.Tensor  # [num_blocks]
     mask: torch.Tensor  # [num_query_tokens, num_blocks * block_size] bool
+    tiles: list[QueryTile]
 
 
 @dataclass
@@ -85,7 +96,10 @@ class PagedAttention:
             q = query[prefill.token_start : prefill.token_end].transpose(0, 1)  # [H, n, D]
             k = _gather(key_cache, prefill.block_ids)
             v = _gather(value_cache, prefill.block_ids)
-            output[prefill.token_start : prefill.token_end] = attend(q, k, v, prefill.mask, spec).transpose(0, 1)
+            for tile in prefill.tiles:
+                queries, keys = slice(tile.query_begin, tile.query_end), slice(tile.key_begin, tile.key_end)
+                output[prefill.token_start + tile.query_begin : prefill.token_start + tile.query_end] = attend(
+                    q[:, queries], k[:, keys], v[:, keys], prefill.mask[queries, keys], spec).transpose(0, 1)
         return output
 
 
