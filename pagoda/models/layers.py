@@ -270,7 +270,7 @@ def compute_logits(hidden: Tensor, lm_head_weight: Tensor | None, softcap: float
         start = 0
         for packed in lm_head_packed:
             end = start + packed.shape[0]
-            logits[:, start:end] = torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")
+            logits[:, start:end] = project(hidden, None, None, packed)
             start = end
     else:
         projected = project(hidden, lm_head_weight, lm_head_int8, None)

@@ -7,8 +7,9 @@ kernel reads their blocks in place (`cpu_decode_attention`); elsewhere, or
 when the kernel cannot be built, the portable path gathers their blocks and
 runs one padded, masked attention. Requests with many query tokens (prefill
 chunks) are attended one by one with a causal mask offset by their computed
-tokens, in tiles of queries, each against only the keys it can see. Sliding-window groups only gather the blocks inside the window, so
-their cost stays flat as a sequence grows.
+tokens, in tiles of queries, each against only the keys it can see.
+Sliding-window groups only gather the blocks inside the window, so their cost
+stays flat as a sequence grows.
 """
 
 from __future__ import annotations
