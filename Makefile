@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 MODEL ?= gemma3-270m
 
-.PHONY: run install test test-fast bench clean
+.PHONY: run install lint test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,10 +19,13 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/pagoda generate $(MODEL)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check pagoda tests benchmarks
+
+test: lint
 	$(PYTHON) -m pytest -q tests
 
-test-fast: install
+test-fast: lint
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # Each benchmark rewrites its own sections of docs/benchmarks.md; append later ones to this list.

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.core.block_hash import get_hash_fn, get_request_block_hasher
 from pagoda.core.kv_cache_interface import KVCacheConfig
-from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.outputs import EngineCoreOutput
 from pagoda.core.request import Request, RequestStatus

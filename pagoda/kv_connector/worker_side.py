@@ -67,7 +67,7 @@ class _LoadJob:
 
     def load_layer(self, manager: StorageManager, layer: LayerLayout, kv_cache: torch.Tensor) -> None:
         spec, layout = self.spec, self.layout
-        block_size, chunk_size = layout.block_size, layout.chunk_size
+        chunk_size = layout.chunk_size
         first_position = layer.first_needed_position(spec.start, spec.end)
         block_ids = spec.block_ids[layer.group_index]
         for chunk in self.chunks_needed(layer, spec.end):

@@ -99,7 +99,7 @@ def test_logits_match_transformers(name: str, models: dict, references: dict, to
         expected = references[name](torch.tensor([token_ids])).logits[0]
         actual = prefill_logits(models[name], token_ids)
         assert actual.dtype == torch.float32
-        torch.testing.assert_close(actual, expected, rtol=0, atol=ATOL, msg=lambda m: f"{prompt!r}: {m}")
+        torch.testing.assert_close(actual, expected, rtol=0, atol=ATOL, msg=lambda m, prompt=prompt: f"{prompt!r}: {m}")
 
 
 @torch.no_grad()
