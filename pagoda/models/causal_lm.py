@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
-from pagoda.models.layers import PACKED_MODULES_MAPPING, compute_logits, pack_lm_head_for_cpu
+from pagoda.models.layers import PACKED_MODULES_MAPPING, CheckpointLinear, compute_logits, pack_lm_head_for_cpu
 from pagoda.models.quantization import Int8Weight
 
 
@@ -22,7 +22,7 @@ class CausalLM(nn.Module):
         self.final_logit_softcap = final_logit_softcap
         self.vocab_size: int = config["vocab_size"]
         tied = bool(config.get("tie_word_embeddings", tie_by_default))
-        self.lm_head = None if tied else nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+        self.lm_head = None if tied else CheckpointLinear(config["hidden_size"], config["vocab_size"], bias=False)
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
         self.ignored_weights = frozenset({"lm_head.weight"} if tied else ())
         self.lm_head_int8: Int8Weight | None = None

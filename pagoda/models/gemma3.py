@@ -18,6 +18,7 @@ from pagoda.models.causal_lm import CausalLM
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
 from pagoda.models.layers import (
     Attention,
+    CheckpointEmbedding,
     GatedMLP,
     GemmaRMSNorm,
     RotaryEmbedding,
@@ -73,7 +74,7 @@ class Gemma3TextModel(nn.Module):
     def __init__(self, config: dict, specs: list[AttentionLayerSpec], layer_types: list[str]) -> None:
         super().__init__()
         hidden_size = config["hidden_size"]
-        self.embed_tokens = nn.Embedding(config["vocab_size"], hidden_size)
+        self.embed_tokens = CheckpointEmbedding(config["vocab_size"], hidden_size)
         self.hidden_size = hidden_size
         self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, spec) for i, spec in enumerate(specs))
         self.norm = GemmaRMSNorm(hidden_size, config.get("rms_norm_eps", 1e-6))

@@ -116,7 +116,9 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.max_position = max_position
         self.rope_parameters = rope_parameters
-        self.init_buffers(None, torch.get_default_dtype())
+        # A placeholder of the table's shape: the loader builds models on the meta device, where computing
+        # the table would import torch._dynamo (~1.4 s); `init_buffers` fills it on the real device.
+        self.register_buffer("cos_sin_cache", torch.empty(max_position, head_dim), persistent=False)
 
     def init_buffers(self, device: torch.device | None, dtype: torch.dtype) -> None:
         # Angles in float32 as the reference does, then one cast to the activation dtype.
@@ -161,7 +163,25 @@ def project(x: Tensor, weight: Tensor | None, int8: Int8Weight | None, packed: T
     return F.linear(x, weight)
 
 
-class Linear(nn.Linear):
+class CheckpointLinear(nn.Linear):
+    """An `nn.Linear` whose weights always come from the checkpoint: built with no random init.
+
+    Initialising on the meta device is not free: `torch.nn.init`'s first call
+    imports `torch._dynamo` (~1.4 s of start-up).
+    """
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the loader fills every parameter."""
+
+
+class CheckpointEmbedding(nn.Embedding):
+    """An `nn.Embedding` filled from the checkpoint, built with no random init (see `CheckpointLinear`)."""
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the loader fills every parameter."""
+
+
+class Linear(CheckpointLinear):
     """A bias-free projection that can also hold faster forms of its weight.
 
     Once the weights are loaded, `quantize_int8()` adds an int8 copy for calls

@@ -8,6 +8,7 @@ from pagoda.models.causal_lm import CausalLM
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
 from pagoda.models.layers import (
     Attention,
+    CheckpointEmbedding,
     GatedMLP,
     RMSNorm,
     RotaryEmbedding,
@@ -39,7 +40,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: dict, specs: list[AttentionLayerSpec]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config["vocab_size"], config["hidden_size"])
+        self.embed_tokens = CheckpointEmbedding(config["vocab_size"], config["hidden_size"])
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, spec) for i, spec in enumerate(specs))
         self.norm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
         self.rotary_emb = RotaryEmbedding(

@@ -32,6 +32,7 @@ from pagoda.worker.attention.metadata import build_group_metadata
 from pagoda.kv_connector.layout import StoreLayout
 from pagoda.kv_connector.worker_side import KVConnectorWorker
 from pagoda.worker.attention.paged_attention import PagedAttention
+from pagoda.worker.kv_cache_memory import allocate_kv_tensor
 from pagoda.worker.kv_connector_attention import ConnectorAttention
 from pagoda.worker.input_batch import CachedRequestState, InputBatch
 from pagoda.worker.sampler import Sampler, gather_logprobs
@@ -81,12 +82,8 @@ class ModelRunner:
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
         self.kv_cache_config = kv_cache_config
         spec = kv_cache_config.groups[0].spec
-        # Zeroed, not empty: masked-out keys still flow through the softmax-weighted sum as 0 * value.
-        shared = [
-            torch.zeros(2, kv_cache_config.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size,
-                        dtype=self.dtype, device=self.device)
-            for _ in range(kv_cache_config.num_kv_tensors)
-        ]
+        shape = (2, kv_cache_config.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+        shared = [allocate_kv_tensor(shape, self.dtype, self.device) for _ in range(kv_cache_config.num_kv_tensors)]
         num_layers = len(self.layer_specs)
         self.layer_kv_caches: list[torch.Tensor] = [shared[0]] * num_layers
         self.layer_groups = [0] * num_layers

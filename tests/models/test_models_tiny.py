@@ -114,6 +114,7 @@ def test_rotary_matches_transformers() -> None:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     rope = RotaryEmbedding(16, 64, {"rope_type": "default", "rope_theta": 10000.0})
+    rope.init_buffers(torch.device("cpu"), torch.float32)
     positions = torch.tensor([0, 5, 63, 7])
     q, k = torch.randn(4, 3, 16), torch.randn(4, 1, 16)
     freqs = positions[:, None].float() * rope_inv_freq(16, {"rope_theta": 10000.0})[None, :]

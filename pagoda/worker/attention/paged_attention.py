@@ -91,7 +91,9 @@ class PagedAttention:
         elif decode is not None:
             q = query[decode.token_indices].unsqueeze(2)  # [Rd, H, 1, D]
             k = _gather(key_cache, decode.block_ids)
-            v = _gather(value_cache, decode.block_ids)
+            # Rows shorter than the longest gather slots never written (the cache is not zeroed): a masked
+            # key's weight is 0, but 0 * NaN is not, so its value must be 0 too. `v` is a fresh copy.
+            v = _gather(value_cache, decode.block_ids).masked_fill_(~decode.mask.view(len(q), 1, -1, 1), 0)
             output[decode.token_indices] = attend(q, k, v, decode.mask, spec).squeeze(2)
         for prefill in metadata.prefills:
             q = query[prefill.token_start : prefill.token_end].transpose(0, 1)  # [H, n, D]
