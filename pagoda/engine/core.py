@@ -1,8 +1,9 @@
 """Engine layer: `EngineCore` — the loop body that schedules, executes and updates.
 
 It owns the scheduler and the executor. At start-up it asks the workers for
-their KV layer specs and free memory, sizes the block pool, and logs how many
-blocks that is and how many full-length requests fit at once.
+their KV layer specs and free memory, sizes the block pool (`kv_cache_sizing`),
+and logs how many blocks that is, why, and how many full-length requests fit
+at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from pagoda.config import PagodaConfig
-from pagoda.core.kv_cache_interface import KVCacheConfig, SlidingWindowSpec, make_kv_cache_config
+from pagoda.core.kv_cache_interface import KVCacheConfig
 from pagoda.core.outputs import EngineCoreOutput, FinishReason
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.block_hash import get_hash_fn
@@ -23,26 +24,11 @@ from pagoda.core.scheduler import Scheduler
 from pagoda.kv_connector.layout import StoreLayout
 from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
 from pagoda.kvstore.lookup import LookupClient
+from pagoda.engine.kv_cache_sizing import blocks_per_request, size_kv_cache
 from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStatsMessage
 from pagoda.worker.executor import Executor, UniProcExecutor
 
 logger = logging.getLogger(__name__)
-
-
-def _blocks_per_request(kv_cache_config: KVCacheConfig, num_tokens: int, max_chunk_tokens: int) -> int:
-    """Blocks one request of `num_tokens` holds at its peak, over all groups.
-
-    A sliding-window group holds the window plus the chunk being computed.
-    """
-    total = 0
-    for group in kv_cache_config.groups:
-        spec = group.spec
-        blocks = -(-num_tokens // spec.block_size)
-        if isinstance(spec, SlidingWindowSpec):
-            window = -(-(spec.sliding_window - 1) // spec.block_size) + 1
-            blocks = min(blocks, window + -(-max_chunk_tokens // spec.block_size))
-        total += blocks
-    return total
 
 
 class EngineCore:
@@ -56,15 +42,15 @@ class EngineCore:
         self.config = config
         self.executor = executor_class(config)
         self.executor.load_model()
-        kv_cache_config = make_kv_cache_config(
-            self.executor.get_kv_cache_spec(), self.executor.determine_available_memory()
-        )
+        sizing = size_kv_cache(self.executor.get_kv_cache_spec(), self.executor.determine_available_memory(),
+                               config.cache_config, config.scheduler_config)
+        kv_cache_config = sizing.config
         self.executor.initialize_kv_cache(kv_cache_config)
         self.kv_cache_config = kv_cache_config
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_config,
                                    connector=self._make_connector(kv_cache_config))
         max_len = config.scheduler_config.max_model_len
-        blocks_needed = _blocks_per_request(kv_cache_config, max_len, config.scheduler_config.max_num_batched_tokens)
+        blocks_needed = blocks_per_request(kv_cache_config, max_len, config.scheduler_config.max_num_batched_tokens)
         if blocks_needed > kv_cache_config.num_blocks - 1:
             # Such a request could never be scheduled; refuse now rather than hang later.
             raise ValueError(
@@ -73,11 +59,11 @@ class EngineCore:
             )
         concurrency = (kv_cache_config.num_blocks - 1) / blocks_needed
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), %d groups; max concurrency at %d tokens: %.2fx; "
+            "KV cache: %d blocks of %d tokens (%.1f MiB: %s), %d groups; max concurrency at %d tokens: %.2fx; "
             "engine ready in %.1f s",
             kv_cache_config.num_blocks, kv_cache_config.block_size,
-            kv_cache_config.num_blocks * kv_cache_config.bytes_per_block / 2**20, len(kv_cache_config.groups),
-            max_len, concurrency, time.monotonic() - started,
+            kv_cache_config.num_blocks * kv_cache_config.bytes_per_block / 2**20, sizing.reason,
+            len(kv_cache_config.groups), max_len, concurrency, time.monotonic() - started,
         )
 
     def _make_connector(self, kv_cache_config: KVCacheConfig) -> KVConnectorScheduler | None:

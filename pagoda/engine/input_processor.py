@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 
-from transformers import PreTrainedTokenizerBase
-
 from pagoda.config import ModelConfig
 from pagoda.engine.messages import EngineCoreRequest
+from pagoda.engine.tokenizer import Tokenizer
 from pagoda.sampling_params import SamplingParams
 
 # Prompts are either text or token ids.
@@ -23,7 +22,7 @@ MAX_LOGPROBS = 20
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
         self._model_config = model_config
         self.tokenizer = tokenizer
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagoda.config import PagodaConfig
-from pagoda.engine.core_client import EngineCoreClient, InprocClient
+from pagoda.engine.core_client import EngineCoreClient, make_client
 from pagoda.engine.input_processor import InputProcessor, PromptType
 from pagoda.engine.messages import EngineCoreRequest, SchedulerStatsMessage
 from pagoda.engine.output_processor import OutputProcessor, ParentRequest
-from pagoda.engine.tokenizer import load_tokenizer
+from pagoda.engine.tokenizer import load_tokenizer_in_background
 from pagoda.outputs import RequestMetrics, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -65,12 +65,13 @@ def prepare_request(
 
 
 class LLMEngine:
-    def __init__(self, config: PagodaConfig, client: EngineCoreClient | None = None) -> None:
+    def __init__(self, config: PagodaConfig, engine_mode: str = "inproc") -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.model_config.path)
+        tokenizer = load_tokenizer_in_background(config.model_config.path)
+        self.engine_core: EngineCoreClient = make_client(config, engine_mode)
+        self.tokenizer = tokenizer.result()
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)
-        self.engine_core = client if client is not None else InprocClient(config)
         self.scheduler_stats: SchedulerStatsMessage | None = None
 
     def prepare_request(

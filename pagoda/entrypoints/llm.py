@@ -15,7 +15,6 @@ import msgspec
 from tqdm.auto import tqdm
 
 from pagoda.engine.arg_utils import EngineArgs
-from pagoda.engine.core_client import make_client
 from pagoda.engine.input_processor import PromptType
 from pagoda.engine.llm_engine import LLMEngine, PreparedRequest
 from pagoda.engine.tokenizer import ChatMessage, render_chat
@@ -44,7 +43,7 @@ class LLM:
     def __init__(self, model: str = "gemma3-270m", **kwargs: Any) -> None:
         self.engine_args = EngineArgs.from_kwargs(model, **kwargs)
         self.config = self.engine_args.create_config()
-        self.llm_engine = LLMEngine(self.config, make_client(self.config, self.engine_args.engine_mode))
+        self.llm_engine = LLMEngine(self.config, self.engine_args.engine_mode)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -73,7 +72,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.llm_engine.tokenizer
         prompts: list[PromptType] = [
-            render_chat(tokenizer, conversation, add_generation_prompt, chat_template)  # type: ignore[arg-type]
+            render_chat(tokenizer, conversation, add_generation_prompt, chat_template)
             for conversation in conversations
         ]
         # The template already places BOS and other special tokens.

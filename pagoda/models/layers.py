@@ -69,7 +69,8 @@ class GemmaRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(hidden_size))
-        self.init_buffers(None, torch.get_default_dtype())
+        # A placeholder: computing 1 + w on the meta device would import torch._dynamo (~1.4 s).
+        self.register_buffer("scale", torch.empty(hidden_size), persistent=False)
 
     def init_buffers(self, device: torch.device | None, dtype: torch.dtype) -> None:
         self.register_buffer("scale", 1.0 + self.weight.float(), persistent=False)
