@@ -32,7 +32,7 @@ from pagoda.config import KVTransferConfig
 from pagoda.kv_connector.layout import LayerLayout, StoreLayout
 from pagoda.kv_connector.metadata import KVConnectorMetadata, KVConnectorOutput, LoadResult, LoadSpec, SaveSpec
 from pagoda.kvstore.background import lower_current_thread_priority
-from pagoda.kvstore.config import build_storage_manager, parse_kv_store_spec
+from pagoda.kvstore.build import build_storage_manager
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.lookup import LookupServer
 from pagoda.kvstore.storage_manager import StorageManager
@@ -140,7 +140,7 @@ class KVConnectorWorker:
         self.layout = layout
         self.kv_caches = layer_kv_caches
         self.dtype_name = _dtype_name(layer_kv_caches[0].dtype)
-        self.manager = build_storage_manager(parse_kv_store_spec(config.kv_store))
+        self.manager = build_storage_manager(config.kv_store)
         self.lookup_server = LookupServer(self.manager, lookup_address)
         self.lookup_server.start()
         self._transfer = ThreadPoolExecutor(1, "pagoda-kv-transfer", _single_threaded_torch)

@@ -6,6 +6,7 @@ import pytest
 from core_helpers import make_kv_cache_config, make_request, make_scheduler
 
 from pagoda.config import KVTransferConfig
+from pagoda.kv_store_spec import parse_kv_store_spec
 from pagoda.core.block_hash import get_hash_fn
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.request import RequestStatus
@@ -35,7 +36,7 @@ def connected_scheduler(num_stored: int, load_mode: str = "layerwise", **kwargs:
                                                                                                   FakeLookup]:
     scheduler = make_scheduler(block_size=BLOCK, **kwargs)
     lookup = FakeLookup(num_stored)
-    config = KVTransferConfig("cpu:64MiB", chunk_size=CHUNK, load_mode=load_mode)
+    config = KVTransferConfig(parse_kv_store_spec("cpu:64MiB"), chunk_size=CHUNK, load_mode=load_mode)
     layout = StoreLayout("model", "float32", make_kv_cache_config(100, BLOCK), CHUNK)
     scheduler.connector = KVConnectorScheduler(config, layout, lookup, get_hash_fn("sha256"))
     scheduler.add_request(make_request("a", PROMPT, block_size=None, max_tokens=4))
@@ -170,7 +171,7 @@ def test_each_completed_prompt_chunk_is_saved_once(budget: int, expected: list[t
 
 def test_prompt_logprobs_requests_never_load() -> None:
     scheduler = make_scheduler(block_size=BLOCK)
-    config = KVTransferConfig("cpu:64MiB", chunk_size=CHUNK)
+    config = KVTransferConfig(parse_kv_store_spec("cpu:64MiB"), chunk_size=CHUNK)
     layout = StoreLayout("model", "float32", make_kv_cache_config(100, BLOCK), CHUNK)
     scheduler.connector = KVConnectorScheduler(config, layout, FakeLookup(3), get_hash_fn("sha256"))
     scheduler.add_request(make_request("p", PROMPT, block_size=None, prompt_logprobs=1))
