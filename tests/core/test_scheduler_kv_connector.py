@@ -177,3 +177,20 @@ def test_prompt_logprobs_requests_never_load() -> None:
     scheduler.add_request(make_request("p", PROMPT, block_size=None, prompt_logprobs=1))
     output = scheduler.schedule()
     assert output.num_scheduled_tokens == {"p": 30} and output.kv_connector_metadata.loads == []
+
+
+def test_short_async_load_queues_the_request_again_as_it_was_parked() -> None:
+    scheduler, lookup = connected_scheduler(num_stored=3, load_mode="async")
+    idle = scheduler.schedule()
+    request = scheduler.requests["a"]
+    scheduler.update_from_output(idle, runner_output([], [], {"a": LoadResult(
+        num_computed_tokens=8, complete=False, tokens_by_tier={"cpu": 8})}))
+    assert request.status == RequestStatus.WAITING and request.num_computed_tokens == 0
+    assert num_cached_blocks(scheduler) == 8 // BLOCK and scheduler.kv_loads.num_parked == 0
+    calls = lookup.calls
+    output = scheduler.schedule()
+    # Never seen by the worker: sent as new, from the good prefix in the prefix cache, without a store load.
+    assert output.num_scheduled_tokens == {"a": 22} and lookup.calls == calls
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 8
+    assert output.kv_connector_metadata.loads == []
+    assert [(s.first_chunk, len(s.chunk_hashes)) for s in output.kv_connector_metadata.saves] == [(1, 2)]
