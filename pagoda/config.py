@@ -106,6 +106,9 @@ class KVTransferConfig:
     lookup_address: str | None = None
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.kv_store, KVStoreConfig),
+                 f"kv_store must be a parsed KVStoreConfig (pagoda.kv_store_spec.parse_kv_store_spec), "
+                 f"got {type(self.kv_store).__name__}")
         _require(self.chunk_size > 0, f"kv_store_chunk_size must be positive, got {self.chunk_size}")
         _require(self.load_mode in KV_LOAD_MODES,
                  f"kv_store_load_mode must be one of {KV_LOAD_MODES}, got {self.load_mode!r}")
