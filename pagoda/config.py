@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pagoda.kv_store_spec import KVStoreConfig
+
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _HASH_ALGOS = ("sha256", "xxhash")
@@ -90,23 +92,23 @@ class SchedulerConfig:
 class KVTransferConfig:
     """The tiered KV store behind the KV connector.
 
-    `kv_store` is the tier list (syntax in `pagoda.kvstore.config`). In the
+    `kv_store` is the tier list, parsed once (`pagoda.kv_store_spec`). In the
     layerwise and bulk load modes a hit is loaded inside the step that
     computes the rest of the prompt (layer by layer, overlapping the forward
     pass, or all layers before it); in async mode the request waits in
     WAITING_FOR_REMOTE_KVS while its KV loads and other requests keep running.
     """
 
-    kv_store: str
+    kv_store: KVStoreConfig
     chunk_size: int = 256
     load_mode: str = "layerwise"
     # Where the scheduler side reaches the store's index (ZMQ); EngineCore picks a private ipc path.
     lookup_address: str | None = None
 
     def __post_init__(self) -> None:
-        from pagoda.kvstore.config import parse_kv_store_spec
-
-        parse_kv_store_spec(self.kv_store)  # raises ValueError naming the bad item
+        _require(isinstance(self.kv_store, KVStoreConfig),
+                 f"kv_store must be a parsed KVStoreConfig (pagoda.kv_store_spec.parse_kv_store_spec), "
+                 f"got {type(self.kv_store).__name__}")
         _require(self.chunk_size > 0, f"kv_store_chunk_size must be positive, got {self.chunk_size}")
         _require(self.load_mode in KV_LOAD_MODES,
                  f"kv_store_load_mode must be one of {KV_LOAD_MODES}, got {self.load_mode!r}")

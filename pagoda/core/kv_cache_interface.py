@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# One list of block ids per KV cache group.
+BlockIds = tuple[list[int], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class FullAttentionSpec:

@@ -1,10 +1,14 @@
-"""Core layer: what the workers send back after a step (pure Python lists, no tensors)."""
+"""Core layer: what the workers send back after a step (pure Python lists, no tensors).
+
+Each connector's worker side reports in its own field (its struct defined in
+`pagoda.core.connector`).
+"""
 
 from __future__ import annotations
 
 import msgspec
 
-from pagoda.kv_connector.metadata import KVConnectorOutput
+from pagoda.core.connector.kv_metadata import KVConnectorOutput
 
 
 class LogprobsLists(msgspec.Struct, kw_only=True, array_like=True):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.core.kv_cache_interface import BlockIds
 from pagoda.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from pagoda.core.request import Request
-from pagoda.core.scheduler_output import BlockIds, CachedRequestData, NewRequestData, SchedulerOutput
+from pagoda.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
 
 @dataclass

@@ -8,14 +8,15 @@ and KV blocks last. When blocks run out, the lowest-priority running request
 is preempted: its blocks are freed and it is recomputed later (the prefix
 cache usually makes that cheap).
 
-With a KV connector, a waiting request may get part of its prompt from the
-KV store: loaded inside the step that computes the rest, or, in async mode,
-while the request waits in WAITING_FOR_REMOTE_KVS and others keep running.
-Blocks filled by a load enter the prefix cache only once the worker confirms
-the load. A failed or partial load caches the prefix whose KV arrived whole,
-frees the request's blocks and queues it again at the front, without store
-loads: it resumes from that prefix through the prefix cache and recomputes
-the rest.
+With a KV connector (any implementation of `pagoda.core.connector.kv`), a
+waiting request may get part of its prompt from the KV store: loaded inside
+the step that computes the rest, or, in async mode, while the request waits
+in WAITING_FOR_REMOTE_KVS and others keep running (`KVLoadTracker` keeps
+which). Blocks filled by a load enter the prefix cache only once the worker
+confirms the load. A failed or partial load caches the prefix whose KV
+arrived whole, frees the request's blocks and queues it again at the front,
+without store loads: it resumes from that prefix through the prefix cache
+and recomputes the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from collections.abc import Iterable
 
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.core.block_hash import get_hash_fn, get_request_block_hasher
+from pagoda.core.connector.base import SchedulerConnector
+from pagoda.core.connector.kv import KVConnectorSchedulerSide
+from pagoda.core.connector.kv_loads import KVLoadTracker
+from pagoda.core.connector.kv_metadata import KVConnectorOutput
 from pagoda.core.kv_cache_interface import KVCacheConfig
 from pagoda.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from pagoda.core.model_runner_output import ModelRunnerOutput
@@ -34,8 +39,6 @@ from pagoda.core.schedule_plan import SchedulePlan
 from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.core.stats import PrefixCacheStats, SchedulerStats
 from pagoda.core.stop_check import check_stop
-from pagoda.kv_connector.metadata import KVConnectorOutput
-from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
 
 
 class Scheduler:
@@ -48,7 +51,7 @@ class Scheduler:
         kv_cache_config: KVCacheConfig,
         log_stats: bool = True,
         enable_kv_cache_events: bool = False,
-        connector: KVConnectorScheduler | None = None,
+        kv_connector: KVConnectorSchedulerSide | None = None,
     ) -> None:
         if cache_config.block_size != kv_cache_config.block_size:
             raise ValueError(
@@ -65,15 +68,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting = create_request_queue(self.policy)
         self.running: list[Request] = []
-        self.connector = connector
-        # Parked while an asynchronous KV store load fills their blocks, with the status to resume with.
-        self.loading: dict[str, tuple[Request, RequestStatus]] = {}
-        # Finished, but a load still writes into their blocks: freed when it ends.
-        self.delayed_free: dict[str, Request] = {}
-        # Admitted this step with KV loaded inside the step: prompt end of the load, until confirmed.
-        self.sync_loads: dict[str, int] = {}
-        # Back from an async load: they hold blocks and computed tokens already, no lookup needed.
-        self.resumed_after_load: set[str] = set()
+        self.kv_connector = kv_connector
+        # Every connector, for the calls that do not depend on what it moves.
+        self.connectors: list[SchedulerConnector] = [kv_connector] if kv_connector is not None else []
+        self.kv_loads = KVLoadTracker()
         # Finished since the previous schedule(): the workers drop their state.
         self.finished_req_ids: set[str] = set()
 
@@ -113,8 +111,8 @@ class Scheduler:
         if plan.num_preempted == 0:
             self._schedule_waiting(plan)
         output = plan.make_scheduler_output(self.kv_cache_manager, self.finished_req_ids)
-        if self.connector is not None:
-            output.kv_connector_metadata = self.connector.build_connector_meta(
+        if self.kv_connector is not None:
+            output.kv_connector_metadata = self.kv_connector.build_connector_meta(
                 output.num_scheduled_tokens, self.requests, self.kv_cache_manager.get_block_ids)
         self.finished_req_ids = set()
         # Advance now, as if the step had run, so the next schedule() can
@@ -162,15 +160,16 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: SchedulePlan) -> None:
         max_num_seqs = self.scheduler_config.max_num_seqs
-        while self.waiting and plan.token_budget > 0 and len(self.running) + len(self.loading) < max_num_seqs:
+        while (self.waiting and plan.token_budget > 0
+               and len(self.running) + self.kv_loads.num_parked < max_num_seqs):
             request = self.waiting.peek_request()
             num_external, load_async = 0, False
-            if request.request_id in self.resumed_after_load:
+            if self.kv_loads.is_resumed(request.request_id):
                 computed_blocks, num_computed_tokens = None, request.num_computed_tokens
             else:
                 computed_blocks, num_computed_tokens = self.kv_cache_manager.get_computed_blocks(request)
-            if self.connector is not None and computed_blocks is not None:
-                num_external, load_async = self.connector.get_num_new_matched_tokens(request, num_computed_tokens)
+            if self.kv_connector is not None and computed_blocks is not None:
+                num_external, load_async = self.kv_connector.get_num_new_matched_tokens(request, num_computed_tokens)
             if load_async:
                 if not self._start_async_load(request, computed_blocks, num_computed_tokens, num_external):
                     break
@@ -188,12 +187,12 @@ class Scheduler:
             )
             if new_blocks is None:
                 break
-            self.resumed_after_load.discard(request.request_id)
+            self.kv_loads.admitted(request.request_id)
             if num_external > 0:
-                self.connector.update_state_after_alloc(
+                self.kv_connector.update_state_after_alloc(
                     request, self.kv_cache_manager.get_block_ids(request.request_id), num_local, num_external,
                     is_async=False)
-                self.sync_loads[request.request_id] = num_computed_tokens
+                self.kv_loads.start_in_step(request)
             self.waiting.pop_request()
             self.running.append(request)
             plan.add_admitted(request, num_new_tokens, resumed=request.status == RequestStatus.PREEMPTED)
@@ -217,10 +216,10 @@ class Scheduler:
         if new_blocks is None:
             return False
         self.waiting.pop_request()
-        self.loading[request.request_id] = (request, request.status)
+        self.kv_loads.park(request)
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         request.num_computed_tokens = num_computed_tokens
-        self.connector.update_state_after_alloc(
+        self.kv_connector.update_state_after_alloc(
             request, self.kv_cache_manager.get_block_ids(request.request_id), num_computed_tokens, num_external,
             is_async=True)
         return True
@@ -228,29 +227,23 @@ class Scheduler:
     def _apply_kv_connector_output(self, output: KVConnectorOutput) -> None:
         """Confirm or rewind finished loads; parked requests go back to the front of the waiting queue."""
         for request_id, result in output.finished_loads.items():
-            load = self.connector.take_load(request_id)
-            delayed = self.delayed_free.pop(request_id, None)
-            if delayed is not None:
-                self.kv_cache_manager.free(delayed)
+            load = self.kv_loads.end(request_id)
+            if load is None:
                 continue
-            if request_id in self.loading:
-                request, resume_status = self.loading.pop(request_id)
-            elif self.sync_loads.pop(request_id, None) is not None and request_id in self.requests:
-                # The worker knows it now: it comes back as a resumed request if it must be redone.
-                request, resume_status = self.requests[request_id], RequestStatus.PREEMPTED
-            else:
+            request = load.request
+            if load.orphaned:
+                self.kv_cache_manager.free(request)
                 continue
-            if load is not None and result.num_computed_tokens < load.end:
-                self._restart_after_short_load(request, result.num_computed_tokens, resume_status)
+            if not result.complete:
+                self._restart_after_short_load(request, result.num_computed_tokens, load.resume_status)
                 continue
             request.kv_store_tokens = result.tokens_by_tier
-            parked = request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
-            if parked:
+            if load.parked:
                 request.num_computed_tokens = result.num_computed_tokens
             self.kv_cache_manager.commit_loaded_blocks(request)
-            if parked:
-                request.status = resume_status
-                self.resumed_after_load.add(request_id)
+            if load.parked:
+                request.status = load.resume_status
+                self.kv_loads.mark_resumed(request_id)
                 self.waiting.prepend_request(request)
 
     def _restart_after_short_load(self, request: Request, num_good_tokens: int, resume_status: RequestStatus) -> None:
@@ -264,7 +257,7 @@ class Scheduler:
         request.num_computed_tokens = num_good_tokens
         self.kv_cache_manager.commit_loaded_blocks(request)
         self.kv_cache_manager.free(request)
-        self.connector.load_failed(request, num_good_tokens)
+        self.kv_connector.load_failed(request, num_good_tokens)
         if request in self.running:
             self.running.remove(request)
         request.status = resume_status
@@ -335,10 +328,8 @@ class Scheduler:
         known_ids = [request_id for request_id in dict.fromkeys(request_ids) if request_id in self.requests]
         finished = [self.requests[request_id] for request_id in known_ids]
         finished_running = {request.request_id for request in finished if request.status == RequestStatus.RUNNING}
-        finished_loading = {request.request_id for request in finished if request.request_id in self.loading}
+        finished_loading = {request.request_id for request in finished if self.kv_loads.is_parked(request.request_id)}
         self.running = [request for request in self.running if request.request_id not in finished_running]
-        for request_id in finished_loading:
-            del self.loading[request_id]
         self.waiting.remove_requests(request for request in finished
                                      if request.request_id not in finished_running | finished_loading)
         for request in finished:
@@ -346,21 +337,24 @@ class Scheduler:
             self._free_request(request)
 
     def _free_request(self, request: Request) -> None:
-        self.resumed_after_load.discard(request.request_id)
-        self.sync_loads.pop(request.request_id, None)
-        if self.connector is not None and self.connector.request_finished(request):
-            self.delayed_free[request.request_id] = request  # a load still writes into its blocks
-        else:
+        for connector in self.connectors:
+            connector.request_finished(request)
+        # A load still writing into its blocks frees them when it ends.
+        if not self.kv_loads.request_finished(request):
             self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
         """Whether steps are still needed: requests to run, loads to finish, or blocks waiting to be freed."""
-        return self.get_num_unfinished_requests() > 0 or bool(self.delayed_free)
+        return self.get_num_unfinished_requests() > 0 or self.kv_loads.has_orphans()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.loading)
+        return len(self.waiting) + len(self.running) + self.kv_loads.num_parked
+
+    def shutdown(self) -> None:
+        for connector in self.connectors:
+            connector.close()
 
     def reset_prefix_cache(self) -> bool:
         """Forget the prefix cache; False while any request holds blocks."""
@@ -372,7 +366,7 @@ class Scheduler:
             self._prefix_cache_totals += interval
         return SchedulerStats(
             num_running_reqs=len(self.running),
-            num_waiting_reqs=len(self.waiting) + len(self.loading),
+            num_waiting_reqs=len(self.waiting) + self.kv_loads.num_parked,
             kv_cache_usage=self.kv_cache_manager.usage,
             num_free_blocks=self.kv_cache_manager.get_num_free_blocks(),
             num_blocks=self.kv_cache_config.num_blocks,

@@ -2,18 +2,17 @@
 
 New requests travel in full once (`NewRequestData`); requests the worker
 already knows travel as diffs (`CachedRequestData`). msgspec Structs so a
-multi-process executor can send them without pickle.
+multi-process executor can send them without pickle. Each connector's worker
+side gets its own field (its struct defined in `pagoda.core.connector`).
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from pagoda.kv_connector.metadata import KVConnectorMetadata
+from pagoda.core.connector.kv_metadata import KVConnectorMetadata
+from pagoda.core.kv_cache_interface import BlockIds
 from pagoda.sampling_params import SamplingParams
-
-# One list of block ids per KV cache group.
-BlockIds = tuple[list[int], ...]
 
 
 class NewRequestData(msgspec.Struct, kw_only=True):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pagoda.config import CacheConfig, KVTransferConfig, ModelConfig, PagodaConfig, SchedulerConfig
+from pagoda.kv_store_spec import parse_kv_store_spec
 from pagoda.models.resolve import resolve_model
 
 # Where `LLM` runs EngineCore: in this process, or in its own. AsyncLLM always uses its own.
@@ -94,5 +95,6 @@ class EngineArgs:
         )
         kv_transfer_config = None
         if self.kv_store is not None:
-            kv_transfer_config = KVTransferConfig(self.kv_store, self.kv_store_chunk_size, self.kv_store_load_mode)
+            kv_transfer_config = KVTransferConfig(parse_kv_store_spec(self.kv_store), self.kv_store_chunk_size,
+                                                  self.kv_store_load_mode)
         return PagodaConfig(model_config, cache_config, scheduler_config, kv_transfer_config)

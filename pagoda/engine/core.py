@@ -3,29 +3,23 @@
 It owns the scheduler and the executor. At start-up it asks the workers for
 their KV layer specs and free memory, sizes the block pool (`kv_cache_sizing`),
 and logs how many blocks that is, why, and how many full-length requests fit
-at once.
+at once. With a KV store, the connector factory (`pagoda.kv_connector.factory`)
+builds the scheduler side the scheduler holds; the engine knows no store class.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 from pagoda.config import PagodaConfig
-from pagoda.core.kv_cache_interface import KVCacheConfig
 from pagoda.core.outputs import EngineCoreOutput, FinishReason
 from pagoda.core.request import Request, RequestStatus
-from pagoda.core.block_hash import get_hash_fn
 from pagoda.core.scheduler import Scheduler
-from pagoda.kv_connector.layout import StoreLayout
-from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
-from pagoda.kvstore.lookup import LookupClient
 from pagoda.engine.kv_cache_sizing import blocks_per_request, size_kv_cache
 from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStatsMessage
+from pagoda.kv_connector.factory import make_scheduler_connector, with_private_lookup_address
 from pagoda.worker.executor import Executor, UniProcExecutor
 
 logger = logging.getLogger(__name__)
@@ -34,11 +28,7 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: PagodaConfig, executor_class: type[Executor] = UniProcExecutor) -> None:
         started = time.monotonic()
-        self._lookup_dir: str | None = None
-        if config.kv_transfer_config is not None and config.kv_transfer_config.lookup_address is None:
-            self._lookup_dir = tempfile.mkdtemp(prefix="pagoda-kv-")
-            config = dataclasses.replace(config, kv_transfer_config=dataclasses.replace(
-                config.kv_transfer_config, lookup_address=f"ipc://{self._lookup_dir}/lookup"))
+        config, self._lookup_dir = with_private_lookup_address(config)
         self.config = config
         self.executor = executor_class(config)
         self.executor.load_model()
@@ -48,7 +38,7 @@ class EngineCore:
         self.executor.initialize_kv_cache(kv_cache_config)
         self.kv_cache_config = kv_cache_config
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_config,
-                                   connector=self._make_connector(kv_cache_config))
+                                   kv_connector=make_scheduler_connector(config, kv_cache_config))
         max_len = config.scheduler_config.max_model_len
         blocks_needed = blocks_per_request(kv_cache_config, max_len, config.scheduler_config.max_num_batched_tokens)
         if blocks_needed > kv_cache_config.num_blocks - 1:
@@ -65,16 +55,6 @@ class EngineCore:
             kv_cache_config.num_blocks * kv_cache_config.bytes_per_block / 2**20, sizing.reason,
             len(kv_cache_config.groups), max_len, concurrency, time.monotonic() - started,
         )
-
-    def _make_connector(self, kv_cache_config: KVCacheConfig) -> KVConnectorScheduler | None:
-        transfer_config = self.config.kv_transfer_config
-        if transfer_config is None:
-            return None
-        layout = StoreLayout(Path(self.config.model_config.path).name, self.config.model_config.dtype,
-                             kv_cache_config, transfer_config.chunk_size)
-        self._lookup_client = LookupClient(transfer_config.lookup_address)
-        hash_fn = get_hash_fn(self.config.cache_config.prefix_caching_hash_algo)
-        return KVConnectorScheduler(transfer_config, layout, self._lookup_client, hash_fn)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(
@@ -132,8 +112,7 @@ class EngineCore:
         return self.executor.flush_kv_store()
 
     def shutdown(self) -> None:
-        if self.config.kv_transfer_config is not None:
-            self._lookup_client.close()
+        self.scheduler.shutdown()
         self.executor.shutdown()
         if self._lookup_dir is not None:
             shutil.rmtree(self._lookup_dir, ignore_errors=True)

@@ -1,28 +1,36 @@
 """KV connector layer, scheduler side: which prompt tokens the store can supply, and what to save.
 
-Runs inside the scheduler, never imports torch, and reaches the store only
-through a lookup client (`pagoda.kvstore.lookup`), so it works the same when
-the workers live in another process. Per request it keeps the prompt's chunk
+Implements `pagoda.core.connector.kv.KVConnectorSchedulerSide`. Runs inside
+the scheduler, never imports torch, and reaches the store only through a
+lookup client (`pagoda.kvstore.lookup`), so it works the same when the
+workers live in another process. Per request it keeps the prompt's chunk
 hashes (the engine's block-hash chain at chunk granularity) and how many
-chunks are known to be stored already.
+chunks are known to be stored already; which loads are in flight is the
+scheduler's record (`pagoda.core.connector.kv_loads`), not this one's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from pagoda.config import KVTransferConfig
 from pagoda.core.block_hash import HashFn
+from pagoda.core.connector.kv import BlockIdsFn
+from pagoda.core.connector.kv_metadata import KVConnectorMetadata, LoadSpec, SaveSpec
+from pagoda.core.kv_cache_interface import BlockIds
 from pagoda.core.request import Request
 from pagoda.kv_connector.layout import StoreLayout
-from pagoda.kv_connector.metadata import BlockIds, KVConnectorMetadata, LoadSpec, SaveSpec
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.token_database import ChunkedTokenDatabase
 
 
-class LookupFn(Protocol):
+class StoreLookup(Protocol):
+    """How many leading chunks the store holds (`pagoda.kvstore.lookup.LookupClient`)."""
+
     def lookup(self, keys: list[CacheEngineKey], prefetch: bool = False) -> int: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -32,19 +40,16 @@ class _RequestState:
     num_saved_chunks: int = 0
     # A load of this request came back short: it recomputes instead of asking the store again.
     loads_disabled: bool = False
-    load: LoadSpec | None = field(default=None, repr=False)
 
 
 class KVConnectorScheduler:
-    def __init__(self, config: KVTransferConfig, layout: StoreLayout, lookup: LookupFn, hash_fn: HashFn) -> None:
+    def __init__(self, config: KVTransferConfig, layout: StoreLayout, lookup: StoreLookup, hash_fn: HashFn) -> None:
         self.config = config
         self.layout = layout
         self.lookup = lookup
         self.token_database = ChunkedTokenDatabase(config.chunk_size, hash_fn)
         self._states: dict[str, _RequestState] = {}
         self._new_loads: list[LoadSpec] = []
-        # Requests whose asynchronous load is in flight: their blocks are being written.
-        self._async_loads: set[str] = set()
 
     def _state(self, request: Request) -> _RequestState:
         state = self._states.get(request.request_id)
@@ -81,16 +86,12 @@ class KVConnectorScheduler:
         start, end = num_computed_tokens, num_computed_tokens + num_external_tokens
         chunk_size = self.config.chunk_size
         first_chunk, last_chunk = start // chunk_size, -(-end // chunk_size)
-        load = LoadSpec(req_id=request.request_id, start=start, end=end, first_chunk=first_chunk,
-                        chunk_hashes=state.chunk_hashes[first_chunk:last_chunk], block_ids=block_ids,
-                        is_async=is_async)
-        state.load = load
-        self._new_loads.append(load)
-        if is_async:
-            self._async_loads.add(request.request_id)
+        self._new_loads.append(LoadSpec(req_id=request.request_id, start=start, end=end, first_chunk=first_chunk,
+                                        chunk_hashes=state.chunk_hashes[first_chunk:last_chunk],
+                                        block_ids=block_ids, is_async=is_async))
 
     def build_connector_meta(self, num_scheduled_tokens: dict[str, int], requests: dict[str, Request],
-                             block_ids_of: "BlockIdsFn") -> KVConnectorMetadata:
+                             block_ids_of: BlockIdsFn) -> KVConnectorMetadata:
         """This step's loads, and saves of every prompt chunk the step completes.
 
         Called before the scheduler advances `num_computed_tokens`, so a
@@ -112,15 +113,6 @@ class KVConnectorScheduler:
         loads, self._new_loads = self._new_loads, []
         return KVConnectorMetadata(loads=loads, saves=saves)
 
-    def take_load(self, req_id: str) -> LoadSpec | None:
-        """The load planned for a request, once its result arrived; the request no longer waits for it."""
-        self._async_loads.discard(req_id)
-        state = self._states.get(req_id)
-        if state is None:
-            return None
-        load, state.load = state.load, None
-        return load
-
     def load_failed(self, request: Request, num_good_tokens: int) -> None:
         """A load ended short: no more loads for the request, and the chunks past the good prefix are saved
         again once recomputed (the worker dropped what the failed step would have saved)."""
@@ -128,11 +120,8 @@ class KVConnectorScheduler:
         state.loads_disabled = True
         state.num_saved_chunks = min(state.num_saved_chunks, num_good_tokens // self.config.chunk_size)
 
-    def request_finished(self, request: Request) -> bool:
-        """Forget the request; True when its blocks must stay allocated until an in-flight load ends."""
+    def request_finished(self, request: Request) -> None:
         self._states.pop(request.request_id, None)
-        return request.request_id in self._async_loads
 
-
-class BlockIdsFn(Protocol):
-    def __call__(self, req_id: str) -> BlockIds: ...
+    def close(self) -> None:
+        self.lookup.close()

@@ -1,5 +1,9 @@
 """KV connector layer, worker side: moves KV between the paged KV cache and the tiered store.
 
+Implements `pagoda.core.connector.kv.KVConnectorWorkerSide`; the factory
+(`pagoda.kv_connector.factory`) hands it the opened store and the lookup
+server that answers the scheduler side, and it closes both.
+
 Loads: in layerwise mode a transfer thread loads layer after layer while the
 forward pass runs, and attention of layer i waits only for layer i
 (`wait_for_layer_load`); in bulk mode every layer is loaded before the
@@ -29,10 +33,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import torch
 
 from pagoda.config import KVTransferConfig
+from pagoda.core.connector.kv_metadata import KVConnectorMetadata, KVConnectorOutput, LoadResult, LoadSpec, SaveSpec
 from pagoda.kv_connector.layout import LayerLayout, StoreLayout
-from pagoda.kv_connector.metadata import KVConnectorMetadata, KVConnectorOutput, LoadResult, LoadSpec, SaveSpec
 from pagoda.kvstore.background import lower_current_thread_priority
-from pagoda.kvstore.config import build_storage_manager, parse_kv_store_spec
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.lookup import LookupServer
 from pagoda.kvstore.storage_manager import StorageManager
@@ -116,7 +119,10 @@ class _LoadJob:
         return True
 
     def result(self) -> LoadResult:
-        """The longest prefix, ending at a chunk boundary or the load's end, complete in every layer."""
+        """The longest prefix, ending at a chunk boundary or the load's end, complete in every layer.
+
+        The one place that decides whether a load came back short.
+        """
         spec, chunk_size = self.spec, self.layout.chunk_size
         boundaries = [spec.end] + [c * chunk_size for c in range(-(-spec.end // chunk_size) - 1, 0, -1)
                                    if spec.start < c * chunk_size < spec.end]
@@ -130,19 +136,19 @@ class _LoadJob:
             tokens = min(num_computed, (chunk + 1) * chunk_size) - max(spec.start, chunk * chunk_size)
             tier = self.tier_of_chunk.get(chunk, "unknown")
             tokens_by_tier[tier] = tokens_by_tier.get(tier, 0) + tokens
-        return LoadResult(num_computed_tokens=num_computed, tokens_by_tier=tokens_by_tier)
+        return LoadResult(num_computed_tokens=num_computed, complete=num_computed == spec.end,
+                          tokens_by_tier=tokens_by_tier)
 
 
 class KVConnectorWorker:
     def __init__(self, config: KVTransferConfig, layout: StoreLayout, layer_kv_caches: list[torch.Tensor],
-                 lookup_address: str) -> None:
+                 manager: StorageManager, lookup_server: LookupServer) -> None:
         self.config = config
         self.layout = layout
         self.kv_caches = layer_kv_caches
         self.dtype_name = _dtype_name(layer_kv_caches[0].dtype)
-        self.manager = build_storage_manager(parse_kv_store_spec(config.kv_store))
-        self.lookup_server = LookupServer(self.manager, lookup_address)
-        self.lookup_server.start()
+        self.manager = manager
+        self.lookup_server = lookup_server
         self._transfer = ThreadPoolExecutor(1, "pagoda-kv-transfer", _single_threaded_torch)
         self._async_loader = ThreadPoolExecutor(1, "pagoda-kv-load", _single_threaded_torch)
         self._putter = ThreadPoolExecutor(1, "pagoda-kv-put", _background_writer)
@@ -188,7 +194,7 @@ class KVConnectorWorker:
 
     def _finish_job(self, job: _LoadJob) -> LoadResult:
         result = job.result()
-        if result.num_computed_tokens < job.spec.end:
+        if not result.complete:
             self.num_failed_loads += 1
             logger.warning("KV store: request %s loaded %d of %d tokens (%d entries missing or bad); "
                            "recomputing the rest", job.spec.req_id, result.num_computed_tokens - job.spec.start,
@@ -288,8 +294,7 @@ class KVConnectorWorker:
                 future.result()
         for job in self._sync_jobs:
             finished[job.spec.req_id] = self._finish_job(job)
-        rewound = {job.spec.req_id for job in self._sync_jobs
-                   if finished[job.spec.req_id].num_computed_tokens < job.spec.end}
+        rewound = {job.spec.req_id for job in self._sync_jobs if not finished[job.spec.req_id].complete}
         self._queue_puts(rewound)
         self._sync_jobs = []
         self._layer_loads = [None] * len(self.layout.layers)

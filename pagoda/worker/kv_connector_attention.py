@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.kv_connector.worker_side import KVConnectorWorker
+from pagoda.core.connector.kv import KVConnectorWorkerSide
 from pagoda.worker.attention.paged_attention import PagedAttention
 
 
 class ConnectorAttention:
-    def __init__(self, inner: PagedAttention, connector: KVConnectorWorker) -> None:
+    def __init__(self, inner: PagedAttention, connector: KVConnectorWorkerSide) -> None:
         self.inner = inner
         self.connector = connector
 

@@ -6,10 +6,12 @@ mappings and attention metadata), make one model call, compute logits only
 for rows that finished their known tokens (partial prefill chunks sample
 nothing), sample them together, and append the new tokens to the batch.
 
-With a KV store, the KV connector's worker side loads and saves around the
-forward pass: attention of each layer first waits for that layer's load and
-then hands the freshly written KV to the saver. A request whose in-step load
-came back incomplete samples nothing: the scheduler rewinds it.
+With a KV store, the KV connector's worker side (built by
+`pagoda.kv_connector.factory`, called through the core protocol
+`KVConnectorWorkerSide`) loads and saves around the forward pass: attention
+of each layer first waits for that layer's load and then hands the freshly
+written KV to the saver. A request whose in-step load the connector reports
+incomplete samples nothing: the scheduler rewinds it.
 """
 
 from __future__ import annotations
@@ -22,19 +24,19 @@ import numpy as np
 import torch
 
 from pagoda.config import PagodaConfig
+from pagoda.core.connector.kv import KVConnectorWorkerSide
+from pagoda.core.connector.kv_metadata import KVConnectorOutput
 from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from pagoda.core.model_runner_output import LogprobsLists, ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
-from pagoda.kv_connector.metadata import KVConnectorOutput
+from pagoda.kv_connector.factory import make_worker_connector
 from pagoda.models.interfaces import AttentionLayerSpec
 from pagoda.models.loader import load_model
 from pagoda.worker.attention.metadata import build_group_metadata
-from pagoda.kv_connector.layout import StoreLayout
-from pagoda.kv_connector.worker_side import KVConnectorWorker
 from pagoda.worker.attention.paged_attention import PagedAttention
+from pagoda.worker.input_batch import CachedRequestState, InputBatch
 from pagoda.worker.kv_cache_memory import allocate_kv_tensor
 from pagoda.worker.kv_connector_attention import ConnectorAttention
-from pagoda.worker.input_batch import CachedRequestState, InputBatch
 from pagoda.worker.sampler import Sampler, gather_logprobs
 from pagoda.worker.sampling_metadata import build_sampling_metadata
 
@@ -58,7 +60,7 @@ class ModelRunner:
         self.dtype = getattr(torch, config.model_config.dtype)
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
-        self.kv_connector: KVConnectorWorker | None = None
+        self.kv_connector: KVConnectorWorkerSide | None = None
         self._logits_buffer: torch.Tensor | None = None
 
     def load_model(self) -> None:
@@ -91,12 +93,7 @@ class ModelRunner:
             for position, layer_index in enumerate(group.layer_indices):
                 self.layer_kv_caches[layer_index] = shared[position]
                 self.layer_groups[layer_index] = group_index
-        transfer_config = self.config.kv_transfer_config
-        if transfer_config is not None:
-            layout = StoreLayout(Path(self.config.model_config.path).name, self.config.model_config.dtype,
-                                 kv_cache_config, transfer_config.chunk_size)
-            self.kv_connector = KVConnectorWorker(transfer_config, layout, self.layer_kv_caches,
-                                                  transfer_config.lookup_address)
+        self.kv_connector = make_worker_connector(self.config, kv_cache_config, self.layer_kv_caches)
         max_model_len = self.config.scheduler_config.max_model_len
         self.input_batch = InputBatch(
             max_num_reqs=self.config.scheduler_config.max_num_seqs,
@@ -128,7 +125,7 @@ class ModelRunner:
         if connector is not None:
             connector.wait_for_save()
             kv_output = connector.finish_step(idle=False)
-            self._drop_rewound_rows(inputs, kv_output, scheduler_output)
+            self._drop_rewound_rows(inputs, kv_output)
         prompt_logprobs = self._compute_prompt_logprobs(hidden, inputs)
         sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
         logprobs: list[LogprobsLists | None] = [None] * batch.num_reqs
@@ -168,13 +165,12 @@ class ModelRunner:
             buffer = self._logits_buffer = torch.empty(rows, self.model.vocab_size, device=self.device)
         return buffer[:num_rows]
 
-    def _drop_rewound_rows(self, inputs: StepInputs, kv_output: KVConnectorOutput,
-                           scheduler_output: SchedulerOutput) -> None:
-        """Stop requests whose in-step load fell short from sampling: their step computed on missing KV."""
-        metadata = scheduler_output.kv_connector_metadata
-        load_ends = {spec.req_id: spec.end for spec in metadata.loads if not spec.is_async} if metadata else {}
-        rewound = {req_id for req_id, result in kv_output.finished_loads.items()
-                   if req_id in load_ends and result.num_computed_tokens < load_ends[req_id]}
+    def _drop_rewound_rows(self, inputs: StepInputs, kv_output: KVConnectorOutput) -> None:
+        """Stop requests whose in-step load fell short from sampling: their step computed on missing KV.
+
+        An asynchronous load that ended short belongs to a parked request, which has no row this step.
+        """
+        rewound = {req_id for req_id, result in kv_output.finished_loads.items() if not result.complete}
         if not rewound:
             return
         req_ids = self.input_batch.req_ids

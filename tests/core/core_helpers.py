@@ -8,6 +8,7 @@ from pathlib import Path
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.core.block_hash import get_hash_fn, get_request_block_hasher
 from pagoda.core.block_pool import BlockPool, KVCacheBlock
+from pagoda.core.connector.kv import KVConnectorSchedulerSide
 from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.outputs import EngineCoreOutput
@@ -78,6 +79,7 @@ def make_scheduler(
     enable_chunked_prefill: bool = True,
     sliding_windows: tuple[int, ...] = (),
     hash_algo: str = "sha256",
+    kv_connector: KVConnectorSchedulerSide | None = None,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -91,6 +93,7 @@ def make_scheduler(
             block_size=block_size, enable_prefix_caching=enable_prefix_caching, prefix_caching_hash_algo=hash_algo
         ),
         make_kv_cache_config(num_blocks, block_size, sliding_windows),
+        kv_connector=kv_connector,
     )
 
 

@@ -6,12 +6,13 @@ import pytest
 from core_helpers import make_kv_cache_config, make_request, make_scheduler
 
 from pagoda.config import KVTransferConfig
+from pagoda.kv_store_spec import parse_kv_store_spec
 from pagoda.core.block_hash import get_hash_fn
+from pagoda.core.connector.kv_metadata import KVConnectorOutput, LoadResult
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.request import RequestStatus
 from pagoda.core.scheduler import Scheduler
 from pagoda.kv_connector.layout import StoreLayout
-from pagoda.kv_connector.metadata import KVConnectorOutput, LoadResult
 from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
 from pagoda.kvstore.keys import CacheEngineKey
 
@@ -33,11 +34,11 @@ class FakeLookup:
 
 def connected_scheduler(num_stored: int, load_mode: str = "layerwise", **kwargs: object) -> tuple[Scheduler,
                                                                                                   FakeLookup]:
-    scheduler = make_scheduler(block_size=BLOCK, **kwargs)
     lookup = FakeLookup(num_stored)
-    config = KVTransferConfig("cpu:64MiB", chunk_size=CHUNK, load_mode=load_mode)
+    config = KVTransferConfig(parse_kv_store_spec("cpu:64MiB"), chunk_size=CHUNK, load_mode=load_mode)
     layout = StoreLayout("model", "float32", make_kv_cache_config(100, BLOCK), CHUNK)
-    scheduler.connector = KVConnectorScheduler(config, layout, lookup, get_hash_fn("sha256"))
+    connector = KVConnectorScheduler(config, layout, lookup, get_hash_fn("sha256"))
+    scheduler = make_scheduler(block_size=BLOCK, kv_connector=connector, **kwargs)
     scheduler.add_request(make_request("a", PROMPT, block_size=None, max_tokens=4))
     return scheduler, lookup
 
@@ -61,7 +62,7 @@ def test_in_step_load_computes_only_the_tail_and_caches_after_confirmation() -> 
     assert num_cached_blocks(scheduler) == 0  # not before the load is confirmed
 
     outs = scheduler.update_from_output(output, runner_output(["a"], [[7]], {"a": LoadResult(
-        num_computed_tokens=24, tokens_by_tier={"cpu": 24})}))
+        num_computed_tokens=24, complete=True, tokens_by_tier={"cpu": 24})}))
     assert outs[0].new_token_ids == [7]
     assert outs[0].num_cached_tokens == 24 and outs[0].kv_store_tokens == {"cpu": 24}
     assert num_cached_blocks(scheduler) == 30 // BLOCK
@@ -71,7 +72,7 @@ def test_short_in_step_load_restarts_from_the_good_prefix_and_saves_the_rest_aga
     scheduler, lookup = connected_scheduler(num_stored=3)
     output = scheduler.schedule()
     outs = scheduler.update_from_output(output, runner_output(["a"], [[]], {"a": LoadResult(
-        num_computed_tokens=8, tokens_by_tier={"cpu": 8})}))
+        num_computed_tokens=8, complete=False, tokens_by_tier={"cpu": 8})}))
     request = scheduler.requests["a"]
     assert outs == [] and request.num_output_tokens == 0 and not scheduler.running
     assert request.status == RequestStatus.PREEMPTED  # the worker saw it: it comes back as resumed
@@ -93,7 +94,7 @@ def run_until_done(scheduler: Scheduler, max_steps: int = 60) -> bool:
             return True
         output = scheduler.schedule()
         ids = list(output.num_scheduled_tokens)
-        loads = {load.req_id: LoadResult(num_computed_tokens=load.end) for load in output.kv_connector_metadata.loads}
+        loads = {load.req_id: LoadResult(num_computed_tokens=load.end, complete=True) for load in output.kv_connector_metadata.loads}
         sampled = [[7] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else []
                    for r in ids]
         scheduler.update_from_output(output, runner_output(ids, sampled, loads))
@@ -115,7 +116,7 @@ def test_store_hit_takes_only_the_window_in_sliding_groups() -> None:
     assert output.num_scheduled_tokens == {"a": 6}
     sliding_blocks = output.kv_connector_metadata.loads[0].block_ids[1]
     assert sliding_blocks[:4] == [0, 0, 0, 0]  # positions before the window of 24 hold the null block
-    scheduler.update_from_output(output, runner_output(["a"], [[7]], {"a": LoadResult(num_computed_tokens=24)}))
+    scheduler.update_from_output(output, runner_output(["a"], [[7]], {"a": LoadResult(num_computed_tokens=24, complete=True)}))
     assert run_until_done(scheduler)
 
 
@@ -131,7 +132,7 @@ def test_async_load_parks_the_request_and_resumes_without_a_second_lookup() -> N
     scheduler.update_from_output(idle, runner_output([], [], {}))
     assert request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
 
-    scheduler.update_from_output(idle, runner_output([], [], {"a": LoadResult(num_computed_tokens=24,
+    scheduler.update_from_output(idle, runner_output([], [], {"a": LoadResult(num_computed_tokens=24, complete=True,
                                                                               tokens_by_tier={"disk": 24})}))
     assert request.status == RequestStatus.WAITING and request.num_computed_tokens == 24
     calls = lookup.calls
@@ -151,7 +152,7 @@ def test_abort_during_async_load_frees_blocks_only_when_the_load_ends() -> None:
     scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
     assert scheduler.kv_cache_manager.get_num_free_blocks() == free_before - held  # still being written
     assert scheduler.has_unfinished_requests() and scheduler.get_num_unfinished_requests() == 0
-    scheduler.update_from_output(output, runner_output([], [], {"a": LoadResult(num_computed_tokens=24)}))
+    scheduler.update_from_output(output, runner_output([], [], {"a": LoadResult(num_computed_tokens=24, complete=True)}))
     assert scheduler.kv_cache_manager.get_num_free_blocks() == free_before
     assert not scheduler.has_unfinished_requests()
 
@@ -169,10 +170,27 @@ def test_each_completed_prompt_chunk_is_saved_once(budget: int, expected: list[t
 
 
 def test_prompt_logprobs_requests_never_load() -> None:
-    scheduler = make_scheduler(block_size=BLOCK)
-    config = KVTransferConfig("cpu:64MiB", chunk_size=CHUNK)
+    config = KVTransferConfig(parse_kv_store_spec("cpu:64MiB"), chunk_size=CHUNK)
     layout = StoreLayout("model", "float32", make_kv_cache_config(100, BLOCK), CHUNK)
-    scheduler.connector = KVConnectorScheduler(config, layout, FakeLookup(3), get_hash_fn("sha256"))
+    connector = KVConnectorScheduler(config, layout, FakeLookup(3), get_hash_fn("sha256"))
+    scheduler = make_scheduler(block_size=BLOCK, kv_connector=connector)
     scheduler.add_request(make_request("p", PROMPT, block_size=None, prompt_logprobs=1))
     output = scheduler.schedule()
     assert output.num_scheduled_tokens == {"p": 30} and output.kv_connector_metadata.loads == []
+
+
+def test_short_async_load_queues_the_request_again_as_it_was_parked() -> None:
+    scheduler, lookup = connected_scheduler(num_stored=3, load_mode="async")
+    idle = scheduler.schedule()
+    request = scheduler.requests["a"]
+    scheduler.update_from_output(idle, runner_output([], [], {"a": LoadResult(
+        num_computed_tokens=8, complete=False, tokens_by_tier={"cpu": 8})}))
+    assert request.status == RequestStatus.WAITING and request.num_computed_tokens == 0
+    assert num_cached_blocks(scheduler) == 8 // BLOCK and scheduler.kv_loads.num_parked == 0
+    calls = lookup.calls
+    output = scheduler.schedule()
+    # Never seen by the worker: sent as new, from the good prefix in the prefix cache, without a store load.
+    assert output.num_scheduled_tokens == {"a": 22} and lookup.calls == calls
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 8
+    assert output.kv_connector_metadata.loads == []
+    assert [(s.first_chunk, len(s.chunk_hashes)) for s in output.kv_connector_metadata.saves] == [(1, 2)]

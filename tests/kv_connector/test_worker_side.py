@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from pagoda.config import KVTransferConfig
+from pagoda.kv_store_spec import parse_kv_store_spec
+from pagoda.core.connector.kv_metadata import KVConnectorMetadata, LoadSpec, SaveSpec
 from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+from pagoda.kv_connector.factory import build_worker_side
 from pagoda.kv_connector.layout import StoreLayout
-from pagoda.kv_connector.metadata import KVConnectorMetadata, LoadSpec, SaveSpec
 from pagoda.kv_connector.worker_side import KVConnectorWorker
 
 BLOCK, CHUNK, WINDOW, NUM_BLOCKS = 4, 8, 8, 32
@@ -34,9 +36,10 @@ def connector(request, tmp_path: Path):
     caches = [torch.randn(2, NUM_BLOCKS, BLOCK, 2, 8) for _ in range(2)]
     for cache in caches:
         cache[:, 10:] = 0  # the loading request's blocks start empty
-    config = KVTransferConfig("cpu:64MiB", chunk_size=CHUNK, load_mode=request.param)
+    config = KVTransferConfig(parse_kv_store_spec("cpu:64MiB"), chunk_size=CHUNK, load_mode=request.param,
+                              lookup_address=f"ipc://{tmp_path}/lookup")
     layout = StoreLayout("tiny", "float32", kv_cache_config(), CHUNK)
-    worker = KVConnectorWorker(config, layout, caches, f"ipc://{tmp_path}/lookup")
+    worker = build_worker_side(config, layout, caches)
     yield worker
     worker.close()
 
@@ -151,9 +154,9 @@ def test_connector_threads_never_start_a_second_openmp_team(tmp_path: Path, load
         caches = [torch.randn(2, NUM_BLOCKS, 64, 16, 64) for _ in range(2)]
         layout_config = KVCacheConfig(num_blocks=NUM_BLOCKS, groups=(
             KVCacheGroupSpec((0, 1), FullAttentionSpec(block_size=64, num_kv_heads=16, head_size=64, dtype_size=4)),))
-        config = KVTransferConfig("cpu:64MiB", chunk_size=128, load_mode="layerwise")
-        worker = KVConnectorWorker(config, StoreLayout("tiny", "float32", layout_config, 128), caches,
-                                   f"ipc://{tmp_path}/lookup")
+        config = KVTransferConfig(parse_kv_store_spec("cpu:64MiB"), chunk_size=128, load_mode="layerwise",
+                                  lookup_address=f"ipc://{tmp_path}/lookup")
+        worker = build_worker_side(config, StoreLayout("tiny", "float32", layout_config, 128), caches)
         try:
             assert caches[0][:, [1, 2]].numel() > 32768  # above torch's grain size: copies would fork a team
             before = native_thread_count()

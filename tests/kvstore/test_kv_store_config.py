@@ -8,14 +8,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from pagoda.kvstore.config import (
-    KVStoreConfig,
-    TierSpec,
-    build_storage_manager,
-    format_size,
-    parse_kv_store_spec,
-    parse_size,
-)
+from pagoda.config import KVTransferConfig
+from pagoda.kv_store_spec import EVICTION_POLICIES, KVStoreConfig, TierSpec, format_size, parse_kv_store_spec, parse_size
+from pagoda.kvstore.build import build_storage_manager
+from pagoda.kvstore.policies import make_policy
 from pagoda.kvstore.tiers.cpu import CPUTier
 from pagoda.kvstore.tiers.disk import DiskTier
 from pagoda.kvstore.tiers.redis import RedisTier
@@ -130,6 +126,19 @@ def test_structs_check_their_fields() -> None:
         TierSpec(kind="redis", url="redis://h/0", size_bytes=1)
     with pytest.raises(ValueError, match="at least one tier"):
         KVStoreConfig(())
+
+
+def test_the_spec_names_exactly_the_policies_the_store_has() -> None:
+    assert [make_policy(name).name for name in EVICTION_POLICIES] == list(EVICTION_POLICIES)
+    with pytest.raises(ValueError) as failure:
+        make_policy("random")
+    assert f"must be one of {sorted(EVICTION_POLICIES)}" in str(failure.value)
+
+
+def test_the_transfer_config_holds_a_parsed_spec_only() -> None:
+    assert KVTransferConfig(parse_kv_store_spec("cpu:1GiB")).kv_store.tiers[0].size_bytes == 1 << 30
+    with pytest.raises(ValueError, match="kv_store must be a parsed KVStoreConfig"):
+        KVTransferConfig("cpu:1GiB")  # type: ignore[arg-type]
 
 
 def test_redis_tiers_are_numbered_after_the_first() -> None:

@@ -13,7 +13,7 @@ import sys
 import pagoda.kvstore.keys, pagoda.kvstore.policies, pagoda.kvstore.token_database
 import pagoda.kvstore.entry, pagoda.kvstore.storage_manager
 import pagoda.kvstore.tiers.cpu, pagoda.kvstore.tiers.disk, pagoda.kvstore.tiers.redis
-import pagoda.kvstore.config, pagoda.kvstore.lookup
+import pagoda.kvstore.build, pagoda.kvstore.lookup
 assert "torch" not in sys.modules, "torch was imported"
 print("ok")
 """

@@ -13,7 +13,8 @@ import redis
 from kvstore_helpers import make_entry, make_key
 from redis_server import RedisServer
 
-from pagoda.kvstore.config import build_storage_manager, parse_kv_store_spec
+from pagoda.kv_store_spec import parse_kv_store_spec
+from pagoda.kvstore.build import build_storage_manager
 from pagoda.kvstore.entry import entry_to_numpy
 from pagoda.kvstore.storage_manager import StorageManager
 from pagoda.kvstore.tiers.redis import RedisTier

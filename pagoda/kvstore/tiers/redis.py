@@ -18,7 +18,6 @@ must cost a caller one short timeout at most, never a backoff loop.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from pagoda.kv_store_spec import redact_url
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.tiers.base import StorageTier
 
@@ -37,15 +37,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# user:password@ after the scheme; a regex rather than urlsplit, which raises on some malformed URLs.
-_PASSWORD_RE = re.compile(r"(://[^:@/]*:)[^@/]*@")
 # Errors that mean "the server cannot be reached now", as opposed to a command the server refused.
 _OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password masked, for logs and error messages; works on malformed URLs too."""
-    return _PASSWORD_RE.sub(r"\1***@", url)
 
 
 class RedisTier(StorageTier):

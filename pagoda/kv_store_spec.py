@@ -1,4 +1,4 @@
-"""KV store layer: the `--kv-store` tier list, parsed into a checked config and built into a StorageManager.
+"""Shared contract: the `--kv-store` tier list, parsed once into a checked tree of frozen dataclasses.
 
 Syntax: comma-separated tiers, fastest first; each tier is one of
 
@@ -24,34 +24,30 @@ percent-encoded. Example:
     cpu:4GiB,disk:/var/cache/pagoda-kv:20GiB+policy=lfu,redis://127.0.0.1:6379/0+namespace=team
 
 Tiers are named cpu, disk, redis, then redis2, redis3, ... for further Redis
-servers; metrics and per-request hits use these names. The config structs
-are frozen msgspec Structs: picklable and msgspec-encodable (they travel
-inside the engine config to the worker process), checked again whenever
-they are built or decoded, and `str()` renders the canonical spec, which
-parses back to an equal config.
+servers; metrics and per-request hits use these names. The configs are
+plain data beside `pagoda.config` (which holds one inside
+`KVTransferConfig`): picklable and msgspec-encodable (they travel inside the
+engine config to the engine process), checked again whenever they are built
+or decoded, and `str()` renders the canonical spec, which parses back to an
+equal config. This module imports nothing of the store itself (no tiers, no
+Redis client): validating a config costs a parse, not an import of every
+tier; `pagoda.kvstore.build` opens the tiers a config names.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-import msgspec
-
-from pagoda.kvstore.policies import make_policy
-from pagoda.kvstore.storage_manager import StorageManager
-from pagoda.kvstore.tiers.base import StorageTier
-from pagoda.kvstore.tiers.cpu import CPUTier
-from pagoda.kvstore.tiers.disk import DiskTier
-from pagoda.kvstore.tiers.redis import RedisTier, redact_url
 
 KINDS = ("cpu", "disk", "redis")
 DEFAULT_POLICY = "lru"
 DEFAULT_NAMESPACE = "pagoda-kv"
 FORMS = "cpu:SIZE, disk:PATH:SIZE or redis://HOST:PORT/DB"
+# The names `pagoda.kvstore.policies.make_policy` accepts (a test keeps the two in step).
+EVICTION_POLICIES = ("fifo", "lfu", "lru", "mru")
 
 # Largest first: rendering takes the first unit that divides the size exactly, the shortest exact form.
 _UNITS: dict[str, int] = {
@@ -61,6 +57,8 @@ _UNITS: dict[str, int] = {
 _UNITS_LOWER = {unit.lower(): factor for unit, factor in _UNITS.items()}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([A-Za-z]*)")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]+")
+# user:password@ after the scheme; a regex rather than urlsplit, which raises on some malformed URLs.
+_PASSWORD_RE = re.compile(r"(://[^:@/]*:)[^@/]*@")
 # Which options each kind accepts.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "cpu": ("policy",),
@@ -96,6 +94,11 @@ def format_size(num_bytes: int) -> str:
     return str(num_bytes)
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password masked, for logs and error messages; works on malformed URLs too."""
+    return _PASSWORD_RE.sub(r"\1***@", url)
+
+
 def _check_option_applies(kind: str, option: str) -> None:
     if option not in _OPTIONS[kind]:
         why = " (a CPU tier starts empty in each engine)" if option in _FLAG_OPTIONS else ""
@@ -126,7 +129,8 @@ def _check_redis_url(url: str) -> None:
         raise ValueError(f"bad Redis URL {shown!r}: the database after '/' must be a number, got {database!r}")
 
 
-class TierSpec(msgspec.Struct, frozen=True, kw_only=True):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TierSpec:
     """One tier of the store; fields that do not apply to its kind stay None."""
 
     kind: str
@@ -155,7 +159,8 @@ class TierSpec(msgspec.Struct, frozen=True, kw_only=True):
             _check_redis_url(self.url)
         if self.policy != DEFAULT_POLICY:
             _check_option_applies(self.kind, "policy")
-            make_policy(self.policy)  # ValueError listing the policies
+            if self.policy.lower() not in EVICTION_POLICIES:
+                raise ValueError(f"eviction policy must be one of {sorted(EVICTION_POLICIES)}, got {self.policy!r}")
             if self.policy != self.policy.lower():
                 raise ValueError(f"policy must be lower case, got {self.policy!r}")
         if self.readonly:
@@ -184,7 +189,8 @@ class TierSpec(msgspec.Struct, frozen=True, kw_only=True):
         return text
 
 
-class KVStoreConfig(msgspec.Struct, frozen=True):
+@dataclass(frozen=True, slots=True)
+class KVStoreConfig:
     """The tiers of the store, fastest first."""
 
     tiers: tuple[TierSpec, ...]
@@ -277,24 +283,3 @@ def parse_kv_store_spec(spec: str) -> KVStoreConfig:
         return KVStoreConfig(tuple(tiers))
     except ValueError as exc:
         raise ValueError(f"--kv-store: {exc}") from None
-
-
-def build_storage_manager(config: KVStoreConfig) -> StorageManager:
-    """Open every tier of `config` and order them in a StorageManager."""
-    tiers: list[StorageTier] = []
-    names = config.tier_names()
-    try:
-        for spec, name in zip(config.tiers, names):
-            if spec.kind == "cpu":
-                tiers.append(CPUTier(spec.size_bytes or 0, spec.policy))
-            elif spec.kind == "disk":
-                tiers.append(DiskTier(Path(spec.path or "").expanduser(), spec.size_bytes or 0, spec.policy))
-            else:
-                tiers.append(RedisTier(spec.url or "", spec.namespace, name=name))
-    except BaseException:
-        for tier in tiers:  # the disk tier runs threads: never leave them behind a failed build
-            tier.close()
-        raise
-    readonly = [name for spec, name in zip(config.tiers, names) if spec.readonly]
-    writeonly = [name for spec, name in zip(config.tiers, names) if spec.writeonly]
-    return StorageManager(tiers, readonly=readonly, writeonly=writeonly)

@@ -1,5 +1,7 @@
-"""KV connector layer: what the scheduler side tells the worker side each step, and what comes back.
+"""Core layer: what the KV connector's scheduler side tells its worker side each step, and what comes back.
 
+Part of the contract core owns (`pagoda.core.connector`): `pagoda.kv_connector`
+fills and reads these; the scheduler and the model runner read them too.
 msgspec Structs without tensors, so they travel inside `SchedulerOutput` and
 `ModelRunnerOutput` across a process boundary without pickle.
 """
@@ -8,8 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-# One list of block ids per KV cache group.
-BlockIds = tuple[list[int], ...]
+from pagoda.core.kv_cache_interface import BlockIds
 
 
 class LoadSpec(msgspec.Struct, kw_only=True, gc=False):
@@ -48,11 +49,14 @@ class LoadResult(msgspec.Struct, kw_only=True, gc=False):
     """How a load ended: KV of positions [0, num_computed_tokens) is now valid in the request's blocks.
 
     Less than the spec's `end` when some entry was missing, unreadable or
-    corrupt: those tokens are recomputed. `tokens_by_tier` says which tier
+    corrupt: those tokens are recomputed. The worker side, which did the
+    load, decides `complete` (everything up to `end` arrived); the model
+    runner and the scheduler only read it. `tokens_by_tier` says which tier
     supplied how many of the loaded tokens.
     """
 
     num_computed_tokens: int
+    complete: bool
     tokens_by_tier: dict[str, int] = msgspec.field(default_factory=dict)
 
 
