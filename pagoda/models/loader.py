@@ -1,8 +1,9 @@
 """Models layer: builds a model from a Hugging Face-style folder (config.json + safetensors).
 
 The model is built on the meta device, so nothing is allocated or initialised
-twice. Each checkpoint tensor is then read on its own (`safe_open`), cast, and
-either adopted as the parameter (plain weights, no copy) or copied into its
+twice. Each checkpoint tensor is then read as a view of the memory-mapped
+file (`safetensors_mmap`), cast, and either adopted as the parameter (plain
+weights: no copy at all when the file already holds the dtype) or copied into its
 rows of a fused weight (`packed_modules_mapping`). Derived buffers (rotary
 tables) are built last on the target device. Every parameter must be filled
 by exactly the checkpoint's tensors: a missing or unexpected name is an error.
@@ -18,12 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from pagoda.models.layers import MergedLinear
 from pagoda.models.quantization import quantize_model
 from pagoda.models.registry import architecture_of, get_model_class
+from pagoda.models.safetensors_mmap import iter_tensors
 
 _INDEX_FILE = "model.safetensors.index.json"
 # Buffers older checkpoints saved although they derive from the config.
@@ -85,16 +86,14 @@ def load_weights(model: nn.Module, files: Iterable[Path], dtype: torch.dtype, de
     expected = _expected_pieces(model)
     loaded: set[tuple[str, int | None]] = set()
     for file in files:
-        with safe_open(file, framework="pt") as checkpoint:
-            for name in checkpoint.keys():
-                if name in ignored or name.endswith(_DERIVED_SUFFIXES):
-                    continue
-                piece = _target(name, packed)
-                if piece not in expected:
-                    raise ValueError(f"{file.name}: unexpected weight {name!r} for {type(model).__name__}")
-                tensor = checkpoint.get_tensor(name).to(device=device, dtype=dtype)
-                _place(model, *piece, tensor, name)
-                loaded.add(piece)
+        for name, stored in iter_tensors(file):
+            if name in ignored or name.endswith(_DERIVED_SUFFIXES):
+                continue
+            piece = _target(name, packed)
+            if piece not in expected:
+                raise ValueError(f"{file.name}: unexpected weight {name!r} for {type(model).__name__}")
+            _place(model, *piece, stored.to(device=device, dtype=dtype), name)
+            loaded.add(piece)
     missing = sorted(f"{target}[{shard}]" if shard is not None else target for target, shard in expected - loaded)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
