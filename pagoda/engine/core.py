@@ -12,7 +12,6 @@ import logging
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 from pagoda.config import PagodaConfig
 from pagoda.core.kv_cache_interface import KVCacheConfig, SlidingWindowSpec, make_kv_cache_config
@@ -84,7 +83,7 @@ class EngineCore:
         transfer_config = self.config.kv_transfer_config
         if transfer_config is None:
             return None
-        layout = StoreLayout(Path(self.config.model_config.path).name, self.config.model_config.dtype,
+        layout = StoreLayout(self.config.model_config.identity, self.config.model_config.dtype,
                              kv_cache_config, transfer_config.chunk_size)
         self._lookup_client = LookupClient(transfer_config.lookup_address)
         hash_fn = get_hash_fn(self.config.cache_config.prefix_caching_hash_algo)

@@ -96,7 +96,7 @@ class ModelRunner:
                 self.layer_groups[layer_index] = group_index
         transfer_config = self.config.kv_transfer_config
         if transfer_config is not None:
-            layout = StoreLayout(Path(self.config.model_config.path).name, self.config.model_config.dtype,
+            layout = StoreLayout(self.config.model_config.identity, self.config.model_config.dtype,
                                  kv_cache_config, transfer_config.chunk_size)
             self.kv_connector = KVConnectorWorker(transfer_config, layout, self.layer_kv_caches,
                                                   transfer_config.lookup_address)
