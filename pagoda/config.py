@@ -36,6 +36,8 @@ class ModelConfig:
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    # The weights by content (`pagoda.models.identity`): how KV store keys name the model.
+    identity: str
     seed: int = 0
     # Weight-only quantization of the linear layers: None (the dtype above) or "int8".
     quantization: str | None = None

@@ -3,7 +3,7 @@
 Names follow vLLM's flags (`max_model_len`, `block_size`, ...). The model is
 resolved (and a GGUF converted) here, and the facts only the model folder
 knows — max length, vocabulary, end-of-sequence ids — are read from its
-config.json.
+config.json, and its content identity (what KV store keys name) is computed once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from pagoda.config import CacheConfig, KVTransferConfig, ModelConfig, PagodaConfig, SchedulerConfig
 from pagoda.kv_store_spec import parse_kv_store_spec
+from pagoda.models.identity import model_identity
 from pagoda.models.resolve import resolve_model
 
 # Where `LLM` runs EngineCore: in this process, or in its own. AsyncLLM always uses its own.
@@ -76,6 +77,7 @@ class EngineArgs:
             max_model_len=max_model_len,
             vocab_size=int(hf_config["vocab_size"]),
             eos_token_ids=eos_ids,
+            identity=model_identity(Path(path), self.quantization),
             seed=self.seed,
             quantization=self.quantization,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pagoda.config import KVTransferConfig, PagodaConfig
@@ -42,7 +41,7 @@ def with_private_lookup_address(config: PagodaConfig) -> tuple[PagodaConfig, str
 
 def store_layout(config: PagodaConfig, kv_cache_config: KVCacheConfig) -> StoreLayout:
     assert config.kv_transfer_config is not None
-    model_id = Path(config.model_config.path).name
+    model_id = config.model_config.identity
     return StoreLayout(model_id, config.model_config.dtype, kv_cache_config, config.kv_transfer_config.chunk_size)
 
 

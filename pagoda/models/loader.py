@@ -25,8 +25,8 @@ from pagoda.models.layers import MergedLinear
 from pagoda.models.quantization import quantize_model
 from pagoda.models.registry import architecture_of, get_model_class
 from pagoda.models.safetensors_mmap import iter_tensors
+from pagoda.models.weight_files import weight_files
 
-_INDEX_FILE = "model.safetensors.index.json"
 # Buffers older checkpoints saved although they derive from the config.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -64,19 +64,6 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, quantizat
         if hasattr(module, "pack_weight"):
             module.pack_weight()
     return model.eval()
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder, from its shard index when there is one."""
-    index = folder / _INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder} has no *.safetensors weights")
-    return files
 
 
 def load_weights(model: nn.Module, files: Iterable[Path], dtype: torch.dtype, device: torch.device) -> None:

@@ -82,7 +82,8 @@ def test_utility_result_struct_converts_back() -> None:
 def test_config_tree_round_trip() -> None:
     config = PagodaConfig(
         ModelConfig(model="m", path="/tmp/m", architecture="LlamaForCausalLM", dtype="float32",
-                    max_model_len=512, vocab_size=100, eos_token_ids=(2, 7), seed=1),
+                    max_model_len=512, vocab_size=100, eos_token_ids=(2, 7), identity="llama-0123456789abcdef",
+                    seed=1),
         CacheConfig(block_size=32, kv_cache_memory=1 << 20),
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512, policy="priority"),
     )

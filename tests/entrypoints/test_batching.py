@@ -30,12 +30,21 @@ def prompts() -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def alone(smollm_llm, prompts) -> list[list[int]]:
-    return [smollm_llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+def alone(smollm_path, prompts) -> list[list[int]]:
+    """Each prompt on its own, on an engine of its own without prefix caching: nothing comes from a cache."""
+    llm = LLM(str(smollm_path), dtype="float32", kv_cache_memory=256 << 20, max_model_len=1024,
+              enable_prefix_caching=False)
+    outputs = [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts]
+    assert llm.get_metrics()["prefix_cache_hits"] == 0
+    llm.shutdown()
+    return [output.outputs[0].token_ids for output in outputs]
 
 
 def test_batch_of_32_equals_each_prompt_alone(smollm_llm, prompts, alone):
-    assert tokens(smollm_llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
+    assert smollm_llm.reset_prefix_cache()  # the session's engine may have seen these prompts: compute them all again
+    outputs = smollm_llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert sum(output.num_cached_tokens for output in outputs) == 0
+    assert tokens(outputs) == alone
 
 
 def test_chunked_prefill_with_a_small_token_budget(smollm_path, prompts, alone):
