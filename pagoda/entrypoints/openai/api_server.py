@@ -41,6 +41,7 @@ from pagoda.entrypoints.openai.responses import DetokenizeResponse, ModelCard, M
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagoda.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from pagoda.entrypoints.openai.serving_engine import engine_dead_error
+from pagoda.entrypoints.openai.unsupported import log_unknown_fields
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -131,10 +132,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     serving = _state(request).chat
     serving.check_model(body.model)
+    log_unknown_fields(body, "/tokenize")
     if body.messages is not None:
         token_ids = serving.chat_token_ids(body.messages, body.add_generation_prompt)
     elif body.prompt is not None:
-        token_ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        token_ids = serving.encode(body.prompt, "prompt", add_special_tokens=body.add_special_tokens)
     else:
         raise bad_request("send either prompt or messages", "prompt")
     response = TokenizeResponse(count=len(token_ids), max_model_len=serving.max_model_len, tokens=token_ids)
@@ -145,6 +147,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     serving = _state(request).chat
     serving.check_model(body.model)
+    log_unknown_fields(body, "/detokenize")
     serving.check_token_ids(body.tokens, "tokens")
     return JSONResponse(DetokenizeResponse(prompt=serving.tokenizer.decode(body.tokens)).model_dump())
 
