@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -28,7 +29,12 @@ from pagoda import envs
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.exceptions import EngineDeadError
-from pagoda.entrypoints.openai.errors import bad_request, install_error_handlers
+from pagoda.entrypoints.openai.errors import (
+    OpenAIError,
+    bad_request,
+    describe_errors_in_openapi,
+    install_error_handlers,
+)
 from pagoda.entrypoints.openai.metrics import ServerMetrics
 from pagoda.entrypoints.openai.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES, RequestGuardMiddleware
 from pagoda.entrypoints.openai.protocol import (
@@ -107,7 +113,10 @@ async def reset_prefix_cache(request: Request) -> Response:
         reset = await _state(request).engine.reset_prefix_cache()
     except EngineDeadError as error:
         return engine_dead_error(error).response()
-    return Response(status_code=200 if reset else 409)
+    if not reset:
+        raise OpenAIError(HTTPStatus.CONFLICT, "requests still hold cached blocks; try again once they finish",
+                          code="prefix_cache_busy")
+    return Response(status_code=200)
 
 
 @router.get("/v1/models")
@@ -183,6 +192,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes)
     app.include_router(router)
+    describe_errors_in_openapi(app)
     return app
 
 

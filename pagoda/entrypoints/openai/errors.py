@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagoda.entrypoints.openai.responses import ErrorResponse
 from pagoda.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    409: "conflict_error",
     413: "invalid_request_error",
 }
 
@@ -104,6 +106,32 @@ async def _on_http_error(_: Request, error: StarletteHTTPException) -> JSONRespo
 async def _on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("%s %s failed", request.method, request.url.path, exc_info=error)
     return OpenAIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(error).__name__}").response()
+
+
+def describe_errors_in_openapi(app: FastAPI) -> None:
+    """The OpenAPI schema says what the server answers: 400 with OpenAI's error body, where FastAPI says 422."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(error_schema.pop("$defs"))
+            schemas["ErrorResponse"] = error_schema
+            error = {"description": "Refused, with OpenAI's error body",
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if "requestBody" in operation:
+                    responses["400"] = error
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def install_error_handlers(app: FastAPI) -> None:
