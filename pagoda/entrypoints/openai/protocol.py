@@ -134,8 +134,9 @@ class SamplingRequest(RequestBody):
 
 
 # A prompt is text or token ids; /v1/completions also takes a batch of either.
-Prompt = str | list[int]
-PromptBatch = str | list[int] | list[str] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0)]
+Prompt = str | list[TokenId]
+PromptBatch = str | list[TokenId] | list[str] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingRequest):
