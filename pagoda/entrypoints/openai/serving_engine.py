@@ -89,8 +89,9 @@ class OpenAIServing:
 
     def check_text_length(self, text: str, param: str) -> None:
         """400 for a text too long to fit the context in any tokenization, before spending time tokenizing it."""
-        if text_bytes(text) > self.max_text_bytes:
-            raise bad_request(f"{param} is {text_bytes(text)} bytes of text, more than this model's maximum context "
+        size = text_bytes(text)
+        if size > self.max_text_bytes:
+            raise bad_request(f"{param} is {size} bytes of text, more than this model's maximum context "
                               f"length of {self.max_model_len} tokens can hold", param)
 
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
