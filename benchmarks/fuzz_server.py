@@ -9,7 +9,7 @@ The run stops at `--cases` requests or `--max-seconds`, whichever comes first,
 then checks that a reference greedy completion returns the text it returned
 before, that `/health` is 200, and that no request is left in the engine.
 
-    python benchmarks/fuzz_server.py [--cases 3000] [--max-seconds 270]
+    python benchmarks/fuzz_server.py [--cases 3000] [--max-seconds 290]
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def report(tally: FuzzTally, seconds: float, same_text: bool, healthy: bool, idl
         f"schema. **5xx answers: {tally.server_errors}.** Answers that broke the rules (5xx, a 4xx without "
         f"OpenAI's error body, a server error inside a stream): {len(tally.failures)}.\n\n"
         f"| status | requests |\n| --- | --- |\n{rows}\n\n"
-        f"2xx answers by route: {answered}. Slowest request: {tally.slowest[0]:.1f} s.\n\n"
+        f"2xx answers by route: {answered}.\n\nSlowest request ({tally.slowest[0]:.1f} s): "
+        f"`{tally.slowest[1][:300].replace('`', chr(39))}`\n\n"
         f"Afterwards: reference greedy completion unchanged: {'yes' if same_text else 'NO'}; "
         f"`/health` 200: {'yes' if healthy else 'NO'}; no request left running or waiting, KV cache empty: "
         f"{'yes' if idle else 'NO'}.\n\nFailures (first 10): {failures}\n"
@@ -90,7 +91,7 @@ def report(tally: FuzzTally, seconds: float, same_text: bool, healthy: bool, idl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=3000)
-    parser.add_argument("--max-seconds", type=float, default=270.0)
+    parser.add_argument("--max-seconds", type=float, default=290.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as log_dir:
         server = RemoteServer(Path(log_dir) / "server.log")
