@@ -1,4 +1,4 @@
-"""Writes one benchmark's table into docs/benchmarks.md, replacing that benchmark's previous section."""
+"""Writes one benchmark's table into docs/benchmarks.md (or another doc), replacing its previous section."""
 
 from __future__ import annotations
 
@@ -30,15 +30,16 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores{memory}"
 
 
-def write_section(title: str, body: str, command: str) -> None:
+def write_section(title: str, body: str, command: str, doc: Path = DOC, header: str = HEADER) -> None:
+    """Replaces (or appends) section `title` of `doc`; a new doc starts with `header`."""
     date = datetime.date.today().isoformat()
     section = (f"## {title}\n\nMachine: {machine_description()}. Date: {date}. Command: `{command}`\n\n"
                f"{body}\n")
-    text = DOC.read_text() if DOC.exists() else HEADER
+    text = doc.read_text() if doc.exists() else header
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
     else:
         text = text.rstrip() + "\n\n" + section
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(text)
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(text)

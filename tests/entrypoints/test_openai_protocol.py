@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 from pagoda.engine.iteration_stats import FinishedRequestStats, IterationStats
 from pagoda.engine.messages import SchedulerStatsMessage
+from pagoda.engine.arg_utils import EngineArgs
 from pagoda.entrypoints.cli import build_parser
-from pagoda.entrypoints.openai.errors import from_value_error
+from pagoda.entrypoints.openai.api_server import create_app
+from pagoda.entrypoints.openai.errors import OpenAIError, from_value_error
+from pagoda.entrypoints.openai.input_text import lone_surrogate_position
 from pagoda.entrypoints.openai.metrics import ServerMetrics
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from pagoda.entrypoints.openai.unsupported import log_unknown_fields, refuse_unsupported
 from pagoda.sampling_params import RequestOutputKind
 
 
@@ -99,3 +107,72 @@ def test_serve_binds_loopback_by_default():
     assert (args.host, args.port, args.api_key, args.max_model_len) == ("127.0.0.1", 8000, "k", 512)
     bench = build_parser().parse_args(["bench", "serve", "--num-clients", "4"])
     assert bench.num_clients == 4 and bench.base_url == "http://127.0.0.1:8000"
+
+
+@pytest.mark.parametrize(("value", "position"), [
+    ("fine \0 text \U0001F600", None),
+    ("a\ud800", ""),
+    (["ok", {"text": "\udfff"}], "[1].text"),
+    ({"\ud800": 1}, "a key of the object"),
+    ([[[["x"]]], "y"], None),
+])
+def test_lone_surrogates_are_found_wherever_they_are(value, position):
+    assert lone_surrogate_position(value) == position
+
+
+def test_lone_surrogate_search_survives_deep_nesting():
+    value: list = ["\ud800"]
+    for _ in range(100_000):
+        value = [value]
+    assert lone_surrogate_position(value) == "[0]" * 100_000 + "[0]"
+
+
+def test_request_models_refuse_surrogates_and_non_finite_floats_by_field():
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest.model_validate({"prompt": "a\ud800"})
+    assert caught.value.errors()[0]["loc"] == ("prompt",)
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest.model_validate({"prompt": "a", "temperature": float("nan")})
+    assert caught.value.errors()[0]["loc"] == ("temperature",)
+
+
+def test_unknown_fields_are_kept_aside_and_logged(caplog):
+    request = CompletionRequest.model_validate({"prompt": "a", "zeta": 1, "alpha\0\u00e9": 2})
+    assert set(request.model_extra) == {"zeta", "alpha\0\u00e9"}
+    with caplog.at_level(logging.WARNING):
+        log_unknown_fields(request, "/v1/completions")
+    assert caplog.messages == ["/v1/completions: ignoring unknown fields 'alpha\\x00\\xe9', 'zeta'"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"echo": True}, "echo"),
+    ({"best_of": 2}, "best_of"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"add_special_tokens": False}, "add_special_tokens"),
+    ({"best_of": 1, "echo": False, "response_format": {"type": "text"}, "priority": 0}, None),
+])
+def test_unimplemented_parameters_are_refused_unless_harmless(body, param):
+    request = CompletionRequest.model_validate({"prompt": "a", **body})
+    if param is None:
+        refuse_unsupported(request, {"best_of": request.n, "add_special_tokens": True})
+        return
+    with pytest.raises(OpenAIError) as caught:
+        refuse_unsupported(request, {"best_of": request.n, "add_special_tokens": True})
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_error_bodies_carry_lone_surrogates_as_escapes():
+    body = OpenAIError(400, "model `\ud800` does not exist", "model").response().body
+    assert json.loads(body)["error"]["message"] == "model `\\ud800` does not exist"
+
+
+def test_the_openapi_schema_declares_the_request_bodies_and_openai_errors():
+    app = create_app(EngineArgs(model="smollm2-135m"), ["smollm2-135m"])
+    schema = app.openapi()
+    operation = schema["paths"]["/v1/chat/completions"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert set(operation["responses"]) == {"200", "400"}
+    chat = schema["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"messages", "tools", "response_format", "user"} <= set(chat["properties"])
+    assert chat["additionalProperties"] is True

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -28,7 +29,12 @@ from pagoda import envs
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.exceptions import EngineDeadError
-from pagoda.entrypoints.openai.errors import bad_request, install_error_handlers
+from pagoda.entrypoints.openai.errors import (
+    OpenAIError,
+    bad_request,
+    describe_errors_in_openapi,
+    install_error_handlers,
+)
 from pagoda.entrypoints.openai.metrics import ServerMetrics
 from pagoda.entrypoints.openai.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES, RequestGuardMiddleware
 from pagoda.entrypoints.openai.protocol import (
@@ -41,6 +47,7 @@ from pagoda.entrypoints.openai.responses import DetokenizeResponse, ModelCard, M
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagoda.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from pagoda.entrypoints.openai.serving_engine import engine_dead_error
+from pagoda.entrypoints.openai.unsupported import log_unknown_fields
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -106,7 +113,10 @@ async def reset_prefix_cache(request: Request) -> Response:
         reset = await _state(request).engine.reset_prefix_cache()
     except EngineDeadError as error:
         return engine_dead_error(error).response()
-    return Response(status_code=200 if reset else 409)
+    if not reset:
+        raise OpenAIError(HTTPStatus.CONFLICT, "requests still hold cached blocks; try again once they finish",
+                          code="prefix_cache_busy")
+    return Response(status_code=200)
 
 
 @router.get("/v1/models")
@@ -131,10 +141,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     serving = _state(request).chat
     serving.check_model(body.model)
+    log_unknown_fields(body, "/tokenize")
     if body.messages is not None:
         token_ids = serving.chat_token_ids(body.messages, body.add_generation_prompt)
     elif body.prompt is not None:
-        token_ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        token_ids = serving.encode(body.prompt, "prompt", add_special_tokens=body.add_special_tokens)
     else:
         raise bad_request("send either prompt or messages", "prompt")
     response = TokenizeResponse(count=len(token_ids), max_model_len=serving.max_model_len, tokens=token_ids)
@@ -145,6 +156,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     serving = _state(request).chat
     serving.check_model(body.model)
+    log_unknown_fields(body, "/detokenize")
     serving.check_token_ids(body.tokens, "tokens")
     return JSONResponse(DetokenizeResponse(prompt=serving.tokenizer.decode(body.tokens)).model_dump())
 
@@ -180,6 +192,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes)
     app.include_router(router)
+    describe_errors_in_openapi(app)
     return app
 
 

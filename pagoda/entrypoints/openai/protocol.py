@@ -3,16 +3,21 @@
 Field names and ranges follow OpenAI's API reference, plus the extra sampling
 fields vLLM's users send (`top_k`, `min_p`, `ignore_eos`, ...). Range checks
 live in the field declarations, so a bad value is refused with a 400 naming
-the field before anything reaches the engine. Unknown fields are ignored, as
-OpenAI's SDKs send fields a given server may not know.
+the field before anything reaches the engine; floats must be finite (Python's
+json reads `NaN` and `Infinity`), integers that travel to the engine must fit
+its 64-bit fields, and no string may hold a lone surrogate. The parameters
+Pagoda does not implement are declared too, so the OpenAPI schema shows them
+and `unsupported.py` can refuse them by name; fields no model declares are
+kept aside (`model_extra`) to be logged and ignored.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pagoda.entrypoints.openai.input_text import lone_surrogate_position
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 # As in vLLM: more logprob candidates per position than this are refused.
@@ -20,18 +25,37 @@ MAX_LOGPROBS = 20
 # OpenAI's own upper bound on `n`.
 MAX_N = 128
 
+# The engine's messages carry integers as 64-bit values (msgspec refuses larger ones).
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
 LogitBias = dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]]
+JSONObject = dict[str, Any]
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, value: Any) -> Any:
+        position = lone_surrogate_position(value)
+        if position is not None:
+            raise ValueError(f"lone surrogate code point at {position or 'the value'}: text must be valid Unicode")
+        return value
+
+
+class RequestBody(OpenAIBaseModel):
+    """A top-level request body: unknown fields are kept in `model_extra`, to be logged and ignored."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(RequestBody):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None  # None: the served model
@@ -40,13 +64,13 @@ class SamplingRequest(OpenAIBaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: LogitBias | None = None
     # vLLM's extra sampling fields.
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=INT64_MAX)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
@@ -54,6 +78,30 @@ class SamplingRequest(OpenAIBaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Accepted: they never change what is generated.
+    user: str | None = None
+    length_penalty: float = 1.0  # beam search only, which is refused
+    guided_decoding_backend: str | None = None  # only with guided decoding, which is refused
+    guided_whitespace_pattern: str | None = None
+    # Refused unless harmless (unsupported.py).
+    best_of: int | None = Field(None, ge=1)
+    response_format: JSONObject | None = None
+    use_beam_search: bool = False
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    guided_json: str | JSONObject | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structural_tag: str | None = None
+    structured_outputs: JSONObject | None = None
+    logits_processors: list[Any] | None = None
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool | None = None
+    priority: int = 0
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -86,14 +134,20 @@ class SamplingRequest(OpenAIBaseModel):
 
 
 # A prompt is text or token ids; /v1/completions also takes a batch of either.
-Prompt = str | list[int]
-PromptBatch = str | list[int] | list[str] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0)]
+Prompt = str | list[TokenId]
+PromptBatch = str | list[TokenId] | list[str] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingRequest):
     prompt: PromptBatch
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Refused unless harmless (unsupported.py).
+    echo: bool = False
+    suffix: str | None = None
+    add_special_tokens: bool = True
+    prompt_embeds: str | list[str] | None = None
 
     def prompts(self) -> list[Prompt]:
         """The batch as a list of prompts (a flat list of ints is one token-id prompt)."""
@@ -134,6 +188,31 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # Accepted: they never change what is generated (tools, which parallel_tool_calls
+    # is about, are refused; a prediction only speeds up an answer that stays the same).
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: JSONObject | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # Refused unless harmless (unsupported.py).
+    tools: list[JSONObject] | None = None
+    tool_choice: str | JSONObject | None = None
+    functions: list[JSONObject] | None = None
+    function_call: str | JSONObject | None = None
+    audio: JSONObject | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: JSONObject | None = None
+    echo: bool = False
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[JSONObject] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: JSONObject | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -144,7 +223,7 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestBody):
     """Either `prompt` (text) or `messages` (rendered by the chat template)."""
 
     model: str | None = None
@@ -154,6 +233,6 @@ class TokenizeRequest(OpenAIBaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]

@@ -52,7 +52,8 @@ def chat_logprobs(output: CompletionOutput, num_top: int) -> ChatLogprobs:
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
-        model_name = self.check_request(request)
+        model_name = self.check_request(request, "/v1/chat/completions",
+                                        {"best_of": request.n, "add_special_tokens": False})
         token_ids = self.prompt_token_ids(self.chat_token_ids(request.messages, request.add_generation_prompt),
                                           "messages")
         max_tokens = self.max_tokens(request.requested_max_tokens, len(token_ids))

@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagoda.entrypoints.openai.errors import OpenAIError, bad_request
-from pagoda.entrypoints.openai.protocol import CompletionRequest
+from pagoda.entrypoints.openai.protocol import MAX_N, CompletionRequest
 from pagoda.entrypoints.openai.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo
 from pagoda.entrypoints.openai.serving_engine import OpenAIServing, add_usage, merge_async_iterators, sse
 from pagoda.outputs import CompletionOutput, RequestOutput
@@ -43,10 +43,15 @@ def completion_logprobs(output: CompletionOutput, num_top: int, text_offset: int
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
-        model_name = self.check_request(request)
+        model_name = self.check_request(request, "/v1/completions",
+                                        {"best_of": request.n, "add_special_tokens": True})
         prompts = request.prompts()
         if not prompts:
             raise bad_request("prompt is empty", "prompt")
+        # OpenAI's bound on n, over the whole batch: one request cannot ask for unbounded work.
+        if len(prompts) * request.n > MAX_N:
+            raise bad_request(f"{len(prompts)} prompts with n={request.n} ask for {len(prompts) * request.n} "
+                              f"completions; at most {MAX_N} per request", "n" if request.n > 1 else "prompt")
         token_ids = [self.prompt_token_ids(prompt, "prompt") for prompt in prompts]
         params = [
             self.sampling_params(request, self.max_tokens(request.max_tokens, len(ids)), request.logprobs)

@@ -1,9 +1,9 @@
 """Entrypoints layer: what completions and chat share — checks, prompt handling, and the engine call.
 
 Everything a request could get wrong against this model (unknown model name,
-token ids outside the vocabulary, a prompt longer than the context) is checked
-here, before the request reaches the engine, so it fails alone with a 400
-naming the field. A client that goes away closes its request's output
+a parameter Pagoda does not implement, token ids outside the vocabulary, a
+prompt longer than the context) is checked here, before the request reaches
+the engine, so it fails alone with a 400 naming the field. A client that goes away closes its request's output
 stream, which aborts the request in the engine.
 """
 
@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from http import HTTPStatus
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jinja2
 from fastapi import Request
@@ -23,8 +23,10 @@ from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.exceptions import EngineDeadError
 from pagoda.engine.tokenizer import render_chat
 from pagoda.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
+from pagoda.entrypoints.openai.input_text import longest_token_bytes, text_bytes
 from pagoda.entrypoints.openai.protocol import ChatMessage, Prompt, SamplingRequest
 from pagoda.entrypoints.openai.responses import UsageInfo
+from pagoda.entrypoints.openai.unsupported import log_unknown_fields, refuse_unsupported
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -53,6 +55,8 @@ class OpenAIServing:
         model_config = engine.config.model_config
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
+        # More bytes of text than this cannot fit the context, whatever the tokenizer makes of them.
+        self.max_text_bytes = self.max_model_len * longest_token_bytes(self.tokenizer)
 
     def check_model(self, model: str | None) -> str:
         """The served name to report; 404 for a model this server does not serve."""
@@ -63,9 +67,15 @@ class OpenAIServing:
                               f"{self.model_names}", param="model", code="model_not_found")
         return model
 
-    def check_request(self, request: SamplingRequest) -> str:
-        """Checks that need the model; returns the model name to report."""
+    def check_request(self, request: SamplingRequest, endpoint: str, defaults: dict[str, Any]) -> str:
+        """Checks that need the model; returns the model name to report.
+
+        `defaults`: the harmless value of each unimplemented parameter whose default
+        depends on the endpoint or on the request (see `refuse_unsupported`).
+        """
         model_name = self.check_model(request.model)
+        log_unknown_fields(request, endpoint)
+        refuse_unsupported(request, defaults)
         if self.engine.errored:
             raise engine_dead_error()
         self.check_token_ids(list(request.logit_bias or ()), "logit_bias")
@@ -77,10 +87,21 @@ class OpenAIServing:
         if bad:
             raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param)
 
+    def check_text_length(self, text: str, param: str) -> None:
+        """400 for a text too long to fit the context in any tokenization, before spending time tokenizing it."""
+        size = text_bytes(text)
+        if size > self.max_text_bytes:
+            raise bad_request(f"{param} is {size} bytes of text, more than this model's maximum context "
+                              f"length of {self.max_model_len} tokens can hold", param)
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        self.check_text_length(text, param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     def prompt_token_ids(self, prompt: Prompt, param: str) -> list[int]:
         """Text is tokenized (BOS added as the model's tokenizer says); token ids are checked against the vocabulary."""
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt) if prompt else []
+            token_ids = self.encode(prompt, param) if prompt else []
         else:
             token_ids = list(prompt)
             self.check_token_ids(token_ids, param)
@@ -98,7 +119,7 @@ class OpenAIServing:
         except (ValueError, jinja2.TemplateError) as error:
             raise bad_request(f"messages: {error}", "messages") from error
         # The template places BOS and the other special tokens itself.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text, "messages", add_special_tokens=False)
 
     def max_tokens(self, requested: int | None, num_prompt_tokens: int) -> int:
         """The completion budget: as requested, or what the context leaves; 400 past the context."""
