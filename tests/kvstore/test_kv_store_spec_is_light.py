@@ -16,7 +16,7 @@ from pagoda.kv_store_spec import parse_kv_store_spec
 
 store = parse_kv_store_spec("cpu:1GiB,disk:/tmp/pagoda-kv:2GiB+policy=lfu,redis://127.0.0.1:6379/0+readonly")
 model = ModelConfig(model="m", path="/m", architecture="LlamaForCausalLM", dtype="float32", max_model_len=64,
-                    vocab_size=10, eos_token_ids=(1,))
+                    vocab_size=10, eos_token_ids=(1,), identity="llama-0123456789abcdef")
 config = PagodaConfig(model, CacheConfig(), SchedulerConfig(max_model_len=64), KVTransferConfig(store))
 assert msgspec.msgpack.decode(msgspec.msgpack.encode(config), type=PagodaConfig) == config  # checked again
 heavy = sorted(name for name in sys.modules
