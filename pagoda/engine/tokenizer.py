@@ -57,6 +57,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend_tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Every token's text, added tokens included, with its id."""
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
     @property
     def vocab_size(self) -> int:
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+from pagoda.engine.tokenizer import Tokenizer
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -41,7 +41,7 @@ def lone_surrogate_position(value: Any) -> str | None:
     return None
 
 
-def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
     """An upper bound on the bytes of text one token stands for (its vocabulary string's UTF-8 length).
 
     Byte-level vocabularies spell a byte as one character of up to two UTF-8 bytes, and byte-fallback
