@@ -88,12 +88,17 @@ def run_engine(engine: str, args: argparse.Namespace, log_dir: Path) -> tuple[fl
             results.append(result)
         return startup, results
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(process)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Terminate a server, killing it when it does not exit within a minute."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def table(runs: dict[str, tuple[float, list[BenchResult]] | None], args: argparse.Namespace) -> str:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import write_section
-from serving import _free_port, wait_for_first_completion
+from serving import _free_port, stop_server, wait_for_first_completion
 
 from pagoda.models.resolve import resolve_model
 
@@ -103,12 +103,7 @@ def time_serve(engine: str, model: str, vllm_venv: Path, log: Path) -> float:
     try:
         return wait_for_first_completion(f"http://127.0.0.1:{port}", process, launched)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(process)
 
 
 def summary(values: list[float]) -> str:

@@ -61,10 +61,6 @@ class Tokenizer:
         """Every token's text, added tokens included, with its id."""
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
-
     def apply_chat_template(self, messages: list[ChatMessage], chat_template: str | None = None,
                             add_generation_prompt: bool = True) -> str:
         """The conversation as prompt text, by the model's chat template (or `chat_template`)."""
@@ -78,14 +74,10 @@ class Tokenizer:
             raise ValueError(f"the chat template failed: {err}") from err
 
 
-def load_tokenizer(model_path: str | Path) -> Tokenizer:
-    return Tokenizer.from_folder(model_path)
-
-
 def load_tokenizer_in_background(model_path: str | Path) -> Future[Tokenizer]:
     """Start loading the tokenizer on a thread, so it overlaps the engine's start-up."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagoda-tokenizer")
-    future = pool.submit(load_tokenizer, model_path)
+    future = pool.submit(Tokenizer.from_folder, model_path)
     pool.shutdown(wait=False)  # the thread finishes the load, then exits
     return future
 
