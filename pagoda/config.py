@@ -39,6 +39,8 @@ class ModelConfig:
     # The weights by content (`pagoda.models.identity`): how KV store keys name the model.
     identity: str
     seed: int = 0
+    # Image models: soft tokens per image crop (one run of bidirectional attention); None for text-only models.
+    mm_tokens_per_image: int | None = None
     # Weight-only quantization of the linear layers: None (the dtype above) or "int8".
     quantization: str | None = None
 
@@ -80,6 +82,10 @@ class SchedulerConfig:
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" or "priority"
+    # Image models: encoder output rows the encoder cache holds (None: max(8192, max_num_batched_tokens),
+    # some thirty single-crop Gemma 3 images), and rows the encoder may produce per step (None: max_num_batched_tokens).
+    encoder_cache_size: int | None = None
+    max_num_encoder_input_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be positive, got {self.max_num_seqs}")
@@ -88,6 +94,17 @@ class SchedulerConfig:
         _require(self.policy in ("fcfs", "priority"), f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         _require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
                  "max_num_batched_tokens must be at least max_model_len when chunked prefill is disabled")
+        for name in ("encoder_cache_size", "max_num_encoder_input_tokens"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name} must be positive, got {value}")
+
+    @property
+    def encoder_cache_rows(self) -> int:
+        return self.encoder_cache_size or max(8192, self.max_num_batched_tokens)
+
+    @property
+    def encoder_compute_budget(self) -> int:
+        return self.max_num_encoder_input_tokens or self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)

@@ -70,11 +70,19 @@ def generate_block_extra_keys(request: Request, start: int, end: int) -> tuple[A
     """Keys besides token ids that decide whether tokens [start, end) may share KV.
 
     The cache salt enters the first block only: every later hash chains from
-    it, so requests with different salts (tenants) never share a block.
+    it, so requests with different salts (tenants) never share a block. Every
+    block overlapping an image item's placeholder range, partly or wholly,
+    carries the item's full identifier: the same text with another image
+    shares no block from the first image on.
     """
     keys: list[Any] = []
     if start == 0 and request.cache_salt is not None:
         keys.append(request.cache_salt)
+    for feature in request.mm_features:
+        if feature.position.offset >= end:
+            break
+        if feature.position.end > start:
+            keys.append(feature.identifier)
     return tuple(keys) if keys else None
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from enum import IntEnum
 
 from pagoda.core.block_hash import BlockHash
+from pagoda.core.multimodal import MultiModalFeature
 from pagoda.core.outputs import FinishReason
 from pagoda.sampling_params import SamplingParams
 
@@ -63,6 +64,7 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         block_hasher: Callable[[Request], list[BlockHash]] | None = None,
+        mm_features: list[MultiModalFeature] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -71,6 +73,8 @@ class Request:
         self.arrival_time = arrival_time
         self.priority = priority
         self.cache_salt = cache_salt
+        # Image items in prompt order; their identifiers enter the hash of every block they touch.
+        self.mm_features: list[MultiModalFeature] = sorted(mm_features or (), key=lambda f: f.position.offset)
         # None: unlimited, up to the scheduler's max_model_len.
         self.max_tokens = sampling_params.max_tokens
 

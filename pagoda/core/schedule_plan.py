@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.core.encoder_scheduling import EncoderStepPlan
 from pagoda.core.kv_cache_interface import BlockIds
 from pagoda.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from pagoda.core.request import Request
@@ -21,6 +22,8 @@ class SchedulePlan:
     running_reqs: list[Request] = field(default_factory=list)
     new_blocks: dict[str, KVCacheBlocks] = field(default_factory=dict)
     num_preempted: int = 0
+    # Image items this step encodes or loads; None for text-only models.
+    encoder: EncoderStepPlan | None = None
 
     def add_running(self, request: Request, num_new_tokens: int, new_blocks: KVCacheBlocks) -> None:
         self._spend(request, num_new_tokens)
@@ -50,6 +53,7 @@ class SchedulePlan:
                 sampling_params=request.sampling_params,
                 block_ids=kv_cache_manager.get_block_ids(request.request_id),
                 num_computed_tokens=request.num_computed_tokens,
+                mm_features=request.mm_features,
             )
             for request in self.new_reqs
         ]
@@ -66,6 +70,7 @@ class SchedulePlan:
             num_scheduled_tokens=self.num_scheduled_tokens,
             total_num_scheduled_tokens=sum(self.num_scheduled_tokens.values()),
             finished_req_ids=finished_req_ids,
+            scheduled_encoder_inputs=self.encoder.scheduled_encoder_inputs() if self.encoder is not None else [],
         )
 
 

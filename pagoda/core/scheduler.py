@@ -17,6 +17,12 @@ confirms the load. A failed or partial load caches the prefix whose KV
 arrived whole, frees the request's blocks and queues it again at the front,
 without store loads: it resumes from that prefix through the prefix cache
 and recomputes the rest.
+
+For image models, each step also plans encoder work (`encoder_scheduling`):
+a request's chunk never ends inside an image crop's run of soft tokens, and
+reaches an image only when its encoder output is cached, loadable through
+the encoder-cache connector, or fits this step's encoder budget and the
+encoder cache (`EncoderCacheManager`).
 """
 
 from __future__ import annotations
@@ -26,9 +32,18 @@ from collections.abc import Iterable
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.core.block_hash import get_hash_fn, get_request_block_hasher
 from pagoda.core.connector.base import SchedulerConnector
+from pagoda.core.connector.ec import ECConnectorSchedulerSide
 from pagoda.core.connector.kv import KVConnectorSchedulerSide
 from pagoda.core.connector.kv_loads import KVLoadTracker
 from pagoda.core.connector.kv_metadata import KVConnectorOutput
+from pagoda.core.encoder_cache_manager import EncoderCacheManager
+from pagoda.core.encoder_scheduling import (
+    EncoderInputs,
+    EncoderStepPlan,
+    commit_encoder_inputs,
+    limit_to_encoder_inputs,
+    release_computed_items,
+)
 from pagoda.core.kv_cache_interface import KVCacheConfig
 from pagoda.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from pagoda.core.model_runner_output import ModelRunnerOutput
@@ -52,6 +67,8 @@ class Scheduler:
         log_stats: bool = True,
         enable_kv_cache_events: bool = False,
         kv_connector: KVConnectorSchedulerSide | None = None,
+        enable_multimodal: bool = False,
+        ec_connector: ECConnectorSchedulerSide | None = None,
     ) -> None:
         if cache_config.block_size != kv_cache_config.block_size:
             raise ValueError(
@@ -70,7 +87,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.kv_connector = kv_connector
         # Every connector, for the calls that do not depend on what it moves.
-        self.connectors: list[SchedulerConnector] = [kv_connector] if kv_connector is not None else []
+        self.ec_connector = ec_connector
+        self.connectors: list[SchedulerConnector] = [c for c in (kv_connector, ec_connector) if c is not None]
+        self.encoder_cache_manager = (
+            EncoderCacheManager(scheduler_config.encoder_cache_rows) if enable_multimodal else None
+        )
         self.kv_loads = KVLoadTracker()
         # Finished since the previous schedule(): the workers drop their state.
         self.finished_req_ids: set[str] = set()
@@ -106,6 +127,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         plan = SchedulePlan(token_budget=self.scheduler_config.max_num_batched_tokens)
+        if self.encoder_cache_manager is not None:
+            plan.encoder = EncoderStepPlan(compute_budget=self.scheduler_config.encoder_compute_budget)
         self._schedule_running(plan)
         # Blocks just ran short: admitting newcomers would only preempt again.
         if plan.num_preempted == 0:
@@ -114,6 +137,10 @@ class Scheduler:
         if self.kv_connector is not None:
             output.kv_connector_metadata = self.kv_connector.build_connector_meta(
                 output.num_scheduled_tokens, self.requests, self.kv_cache_manager.get_block_ids)
+        if self.encoder_cache_manager is not None:
+            output.free_encoder_mm_hashes = self.encoder_cache_manager.get_freed_mm_hashes()
+        if self.ec_connector is not None:
+            output.ec_connector_metadata = self.ec_connector.build_connector_meta()
         self.finished_req_ids = set()
         # Advance now, as if the step had run, so the next schedule() can
         # already plan the following tokens.
@@ -126,6 +153,8 @@ class Scheduler:
         while index < len(self.running) and plan.token_budget > 0:
             request = self.running[index]
             num_new_tokens = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
+            num_new_tokens, encoder_inputs = self._limit_to_encoder_inputs(
+                request, request.num_computed_tokens, num_new_tokens, plan)
             if num_new_tokens <= 0:
                 index += 1
                 continue
@@ -136,6 +165,7 @@ class Scheduler:
                 if victim_index < index:
                     index -= 1
             plan.add_running(request, num_new_tokens, new_blocks)
+            self._commit_encoder_inputs(request, encoder_inputs, plan)
             index += 1
 
     def _preempt_lowest_priority(self, plan: SchedulePlan) -> int:
@@ -150,6 +180,7 @@ class Scheduler:
         if victim.request_id in plan.num_scheduled_tokens:
             plan.drop_running(victim)
         self.kv_cache_manager.free(victim)
+        self._free_encoder_inputs(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
@@ -181,6 +212,11 @@ class Scheduler:
                 if not self.scheduler_config.enable_chunked_prefill:
                     break
                 num_new_tokens = plan.token_budget
+            wanted = num_new_tokens
+            num_new_tokens, encoder_inputs = self._limit_to_encoder_inputs(
+                request, num_computed_tokens, num_new_tokens, plan)
+            if num_new_tokens <= 0 or (num_new_tokens < wanted and not self.scheduler_config.enable_chunked_prefill):
+                break
             new_blocks = self.kv_cache_manager.allocate_slots(
                 request, num_new_tokens, num_computed_tokens - request.num_computed_tokens, computed_blocks,
                 delay_cache_blocks=num_external > 0,
@@ -196,10 +232,28 @@ class Scheduler:
             self.waiting.pop_request()
             self.running.append(request)
             plan.add_admitted(request, num_new_tokens, resumed=request.status == RequestStatus.PREEMPTED)
+            self._commit_encoder_inputs(request, encoder_inputs, plan)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_computed_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
+
+    def _limit_to_encoder_inputs(self, request: Request, num_computed_tokens: int, num_new_tokens: int,
+                                 plan: SchedulePlan) -> tuple[int, EncoderInputs | None]:
+        if plan.encoder is None or not request.mm_features or num_new_tokens <= 0:
+            return num_new_tokens, None
+        return limit_to_encoder_inputs(request, num_computed_tokens, num_new_tokens, self.encoder_cache_manager,
+                                       plan.encoder, self.ec_connector)
+
+    def _commit_encoder_inputs(self, request: Request, encoder_inputs: EncoderInputs | None,
+                               plan: SchedulePlan) -> None:
+        if encoder_inputs is not None:
+            commit_encoder_inputs(request, encoder_inputs, self.encoder_cache_manager, plan.encoder,
+                                  self.ec_connector)
+
+    def _free_encoder_inputs(self, request: Request) -> None:
+        if self.encoder_cache_manager is not None and request.mm_features:
+            self.encoder_cache_manager.free(request.request_id, [f.identifier for f in request.mm_features])
 
     def _start_async_load(self, request: Request, computed_blocks: KVCacheBlocks, num_computed_tokens: int,
                           num_external: int) -> bool:
@@ -286,6 +340,8 @@ class Scheduler:
                 or request_id not in scheduler_output.num_scheduled_tokens
             ):
                 continue
+            if self.encoder_cache_manager is not None and request.mm_features:
+                release_computed_items(request, self.encoder_cache_manager)
             new_token_ids = self._append_tokens(request, model_runner_output.sampled_token_ids[index])
             prompt_logprobs = model_runner_output.prompt_logprobs.get(request_id)
             finished = request.is_finished()
@@ -339,6 +395,7 @@ class Scheduler:
     def _free_request(self, request: Request) -> None:
         for connector in self.connectors:
             connector.request_finished(request)
+        self._free_encoder_inputs(request)
         # A load still writing into its blocks frees them when it ends.
         if not self.kv_loads.request_finished(request):
             self.kv_cache_manager.free(request)
@@ -357,8 +414,12 @@ class Scheduler:
             connector.close()
 
     def reset_prefix_cache(self) -> bool:
-        """Forget the prefix cache; False while any request holds blocks."""
-        return self.kv_cache_manager.reset_prefix_cache()
+        """Forget the prefix cache (and unreferenced encoder outputs); False while any request holds blocks."""
+        if not self.kv_cache_manager.reset_prefix_cache():
+            return False
+        if self.encoder_cache_manager is not None:
+            self.encoder_cache_manager.reset()
+        return True
 
     def make_stats(self) -> SchedulerStats:
         interval = self.kv_cache_manager.make_prefix_cache_stats()

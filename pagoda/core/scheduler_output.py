@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import msgspec
 
+from pagoda.core.connector.ec_metadata import ECConnectorMetadata
 from pagoda.core.connector.kv_metadata import KVConnectorMetadata
 from pagoda.core.kv_cache_interface import BlockIds
+from pagoda.core.multimodal import MultiModalFeature
 from pagoda.sampling_params import SamplingParams
 
 
@@ -21,6 +23,7 @@ class NewRequestData(msgspec.Struct, kw_only=True):
     sampling_params: SamplingParams
     block_ids: BlockIds
     num_computed_tokens: int
+    mm_features: list[MultiModalFeature] = msgspec.field(default_factory=list)
 
 
 class CachedRequestData(msgspec.Struct, kw_only=True):
@@ -43,3 +46,9 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     finished_req_ids: set[str] = msgspec.field(default_factory=set)
     # What the KV connector's worker side loads and saves this step (None without a connector).
     kv_connector_metadata: KVConnectorMetadata | None = None
+    # Image items to encode this step, by identifier (the worker finds their pixels in its requests).
+    scheduled_encoder_inputs: list[str] = msgspec.field(default_factory=list)
+    # Encoder cache entries the scheduler evicted: the worker drops their outputs.
+    free_encoder_mm_hashes: list[str] = msgspec.field(default_factory=list)
+    # What the encoder-cache connector's worker side loads this step (None without one).
+    ec_connector_metadata: ECConnectorMetadata | None = None

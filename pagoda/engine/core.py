@@ -37,8 +37,16 @@ class EngineCore:
         kv_cache_config = sizing.config
         self.executor.initialize_kv_cache(kv_cache_config)
         self.kv_cache_config = kv_cache_config
+        mm_tokens_per_image = config.model_config.mm_tokens_per_image
+        if mm_tokens_per_image is not None and config.scheduler_config.max_num_batched_tokens < mm_tokens_per_image:
+            # An image crop's soft tokens are computed in one step (they attend to each other both ways).
+            raise ValueError(
+                f"max_num_batched_tokens={config.scheduler_config.max_num_batched_tokens} is below the "
+                f"{mm_tokens_per_image} soft tokens of one image crop, which must be computed in one step"
+            )
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_config,
-                                   kv_connector=make_scheduler_connector(config, kv_cache_config))
+                                   kv_connector=make_scheduler_connector(config, kv_cache_config),
+                                   enable_multimodal=mm_tokens_per_image is not None)
         max_len = config.scheduler_config.max_model_len
         blocks_needed = blocks_per_request(kv_cache_config, max_len, config.scheduler_config.max_num_batched_tokens)
         if blocks_needed > kv_cache_config.num_blocks - 1:
@@ -66,6 +74,7 @@ class EngineCore:
                 arrival_time=request.arrival_time,
                 priority=request.priority,
                 cache_salt=request.cache_salt,
+                mm_features=request.mm_features,
             )
         )
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from pagoda.core.multimodal import MultiModalFeature
 from pagoda.core.outputs import EngineCoreOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -29,6 +30,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     arrival_time: float
     priority: int = 0
     cache_salt: str | None = None
+    # Image items, in prompt order; pixel_values None where the engine's processor cache holds them.
+    mm_features: list[MultiModalFeature] | None = None
 
 
 class EngineCoreRequestType(IntEnum):

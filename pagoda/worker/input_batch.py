@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagoda.core.multimodal import MultiModalFeature
 from pagoda.sampling_params import SamplingParams
 from pagoda.worker.block_table import MultiGroupBlockTable
 
@@ -30,6 +31,8 @@ class CachedRequestState:
     block_ids: tuple[list[int], ...]
     num_computed_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
+    # Image items of the prompt, in order (their pixels encode when the scheduler says so).
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
     # Prompt positions whose next-token logprobs were already reported (survives preemption).
     num_prompt_logprobs_done: int = 0
 

@@ -12,12 +12,17 @@ With a KV store, the KV connector's worker side (built by
 of each layer first waits for that layer's load and then hands the freshly
 written KV to the saver. A request whose in-step load the connector reports
 incomplete samples nothing: the scheduler rewinds it.
+
+For image models, `EncoderRunner` runs the vision encoder on the items the
+scheduler names before the forward pass, and supplies the step's image rows
+(merged into the token embeddings) and soft-token runs (bidirectional blocks
+in the attention metadata).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ from pagoda.models.interfaces import AttentionLayerSpec
 from pagoda.models.loader import load_model
 from pagoda.worker.attention.metadata import build_group_metadata
 from pagoda.worker.attention.paged_attention import PagedAttention
+from pagoda.worker.encoder_runner import EncoderRunner
 from pagoda.worker.input_batch import CachedRequestState, InputBatch
 from pagoda.worker.kv_cache_memory import allocate_kv_tensor
 from pagoda.worker.kv_connector_attention import ConnectorAttention
@@ -51,6 +57,8 @@ class StepInputs:
     sample_rows: np.ndarray  # batch rows that produce a token this step
     logits_indices: torch.Tensor  # flat index of each sample row's last token
     query_start: np.ndarray  # [R + 1]
+    # Image rows for multimodal models: mm_embeds and mm_token_indices.
+    model_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -62,11 +70,14 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_connector: KVConnectorWorkerSide | None = None
         self._logits_buffer: torch.Tensor | None = None
+        self.encoder_runner: EncoderRunner | None = None
 
     def load_model(self) -> None:
         self.model = load_model(Path(self.config.model_config.path), self.dtype, self.device,
                                 self.config.model_config.quantization)
         self.layer_specs: list[AttentionLayerSpec] = self.model.attention_layer_specs()
+        if hasattr(self.model, "embed_multimodal"):
+            self.encoder_runner = EncoderRunner(self.model, self.device)
 
     def get_kv_cache_spec(self) -> list[KVCacheSpec]:
         block_size = self.config.cache_config.block_size
@@ -109,15 +120,18 @@ class ModelRunner:
         connector = self.kv_connector
         if connector is not None and scheduler_output.kv_connector_metadata is not None:
             connector.start_load_kv(scheduler_output.kv_connector_metadata)
+        if self.encoder_runner is not None:
+            self.encoder_runner.run(scheduler_output, self.requests.values())
         if scheduler_output.total_num_scheduled_tokens == 0:
             kv_output = connector.finish_step(idle=True) if connector is not None else None
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], kv_connector_output=kv_output)
         inputs = self._prepare_inputs(scheduler_output)
         if connector is None:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, **inputs.model_kwargs)
         else:
             try:
-                hidden = self.model(inputs.input_ids, inputs.positions, ConnectorAttention(inputs.attention, connector))
+                hidden = self.model(inputs.input_ids, inputs.positions, ConnectorAttention(inputs.attention, connector),
+                                    **inputs.model_kwargs)
             except BaseException:
                 connector.abort_step()  # no transfer may keep writing blocks the engine is about to free
                 raise
@@ -196,7 +210,7 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(
                 req_id=new.req_id, prompt_token_ids=new.prompt_token_ids, sampling_params=params,
                 generator=generator, block_ids=tuple(list(ids) for ids in new.block_ids),
-                num_computed_tokens=new.num_computed_tokens,
+                num_computed_tokens=new.num_computed_tokens, mm_features=list(new.mm_features),
             )
             batch.add_request(self.requests[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
@@ -235,11 +249,19 @@ class ModelRunner:
         row_of_token = np.repeat(np.arange(num_reqs), num_scheduled)
         positions = num_computed[row_of_token] + np.arange(query_start[-1]) - query_start[row_of_token]
         input_ids = batch.token_ids[row_of_token, positions]
+        model_kwargs: dict[str, torch.Tensor] = {}
+        runs_kwargs = {}
+        if self.encoder_runner is not None:
+            image_rows = self.encoder_runner.gather(batch.states[:num_reqs], num_computed, num_scheduled, query_start)
+            if image_rows.embeds is not None:
+                model_kwargs = {"mm_embeds": image_rows.embeds, "mm_token_indices": image_rows.token_indices}
+            if image_rows.has_runs:
+                runs_kwargs = {"bidirectional_runs": image_rows.runs}
         group_metadata = [
             build_group_metadata(
                 batch.block_table[g].block_ids[:num_reqs], batch.block_table[g].num_blocks[:num_reqs],
                 num_computed, num_scheduled, positions, row_of_token, group.spec.block_size,
-                getattr(group.spec, "sliding_window", None), self.device,
+                getattr(group.spec, "sliding_window", None), self.device, **runs_kwargs,
             )
             for g, group in enumerate(self.kv_cache_config.groups)
         ]
@@ -251,6 +273,7 @@ class ModelRunner:
             sample_rows=sample_rows,
             logits_indices=torch.from_numpy(query_start[sample_rows + 1] - 1).to(self.device),
             query_start=query_start,
+            model_kwargs=model_kwargs,
         )
 
     def _compute_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, LogprobsLists]:
