@@ -20,6 +20,7 @@ import cbor2
 import xxhash
 
 if TYPE_CHECKING:
+    from pagoda.core.multimodal import MultiModalFeature
     from pagoda.core.request import Request
 
 BlockHash = bytes
@@ -67,18 +68,24 @@ def hash_block_tokens(
 
 
 def generate_block_extra_keys(request: Request, start: int, end: int) -> tuple[Any, ...] | None:
-    """Keys besides token ids that decide whether tokens [start, end) may share KV.
+    """Keys besides token ids that decide whether the request's tokens [start, end) may share KV."""
+    return block_extra_keys(start, end, request.cache_salt, request.mm_features)
+
+
+def block_extra_keys(start: int, end: int, cache_salt: str | None,
+                     mm_features: Sequence[MultiModalFeature] = ()) -> tuple[Any, ...] | None:
+    """The extra keys of tokens [start, end): shared by the prefix cache and the KV store's chunks.
 
     The cache salt enters the first block only: every later hash chains from
     it, so requests with different salts (tenants) never share a block. Every
     block overlapping an image item's placeholder range, partly or wholly,
     carries the item's full identifier: the same text with another image
-    shares no block from the first image on.
+    shares no block from the first image on. `mm_features` are in prompt order.
     """
     keys: list[Any] = []
-    if start == 0 and request.cache_salt is not None:
-        keys.append(request.cache_salt)
-    for feature in request.mm_features:
+    if start == 0 and cache_salt is not None:
+        keys.append(cache_salt)
+    for feature in mm_features:
         if feature.position.offset >= end:
             break
         if feature.position.end > start:

@@ -54,8 +54,8 @@ class KVConnectorScheduler:
     def _state(self, request: Request) -> _RequestState:
         state = self._states.get(request.request_id)
         if state is None:
-            hashes = [h for _, _, h in self.token_database.process_tokens(request.prompt_token_ids,
-                                                                           request.cache_salt)]
+            hashes = [h for _, _, h in self.token_database.process_tokens(
+                request.prompt_token_ids, request.cache_salt, request.mm_features)]
             state = self._states[request.request_id] = _RequestState(hashes)
         return state
 

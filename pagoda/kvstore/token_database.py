@@ -1,8 +1,8 @@
 """KV store layer: splits a prompt into fixed-size chunks named by a prefix hash chain.
 
 The chain is the engine's block-hash chain (`pagoda.core.block_hash`): chunk
-i's hash covers chunk i - 1's hash, its tokens and, for the first chunk only,
-the cache salt. With `chunk_size == block_size` a chunk hash therefore equals
+i's hash covers chunk i - 1's hash, its tokens and the engine's extra keys
+(the cache salt in the first chunk, the identifier of every image a chunk touches). With `chunk_size == block_size` a chunk hash therefore equals
 the engine's block hash for the same tokens, so a prefix maps to the same keys
 in the engine, in every tier and on every server.
 """
@@ -10,16 +10,9 @@ in the engine, in every tier and on every server.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
-from pagoda.core.block_hash import NONE_HASH, HashFn, get_hash_fn, hash_block_tokens
-
-
-def chunk_extra_keys(start: int, cache_salt: str | None) -> tuple[Any, ...] | None:
-    """The engine's extra-key rule: the salt enters the first chunk, later chunks inherit it by chaining."""
-    if start == 0 and cache_salt is not None:
-        return (cache_salt,)
-    return None
+from pagoda.core.block_hash import NONE_HASH, HashFn, block_extra_keys, get_hash_fn, hash_block_tokens
+from pagoda.core.multimodal import MultiModalFeature
 
 
 class ChunkedTokenDatabase:
@@ -32,14 +25,14 @@ class ChunkedTokenDatabase:
         self.hash_fn = hash_fn if hash_fn is not None else get_hash_fn(hash_algo)
 
     def process_tokens(
-        self, token_ids: Sequence[int], cache_salt: str | None = None
+        self, token_ids: Sequence[int], cache_salt: str | None = None, mm_features: Sequence[MultiModalFeature] = ()
     ) -> Iterator[tuple[int, int, bytes]]:
         """Yield each full chunk's token range and hash; the trailing partial chunk is recomputed, never stored."""
         parent_hash = NONE_HASH
         num_full_tokens = len(token_ids) - len(token_ids) % self.chunk_size
         for start in range(0, num_full_tokens, self.chunk_size):
             end = start + self.chunk_size
-            extra_keys = chunk_extra_keys(start, cache_salt)
+            extra_keys = block_extra_keys(start, end, cache_salt, mm_features)
             parent_hash = hash_block_tokens(self.hash_fn, parent_hash, token_ids[start:end], extra_keys)
             yield start, end, parent_hash
 

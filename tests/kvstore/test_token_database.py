@@ -10,6 +10,7 @@ from pagoda.core.block_hash import (
     get_request_block_hasher,
     hash_block_tokens,
 )
+from pagoda.core.multimodal import MultiModalFeature, PlaceholderRange
 from pagoda.core.request import Request
 from pagoda.kvstore.token_database import ChunkedTokenDatabase
 from pagoda.sampling_params import SamplingParams
@@ -82,3 +83,20 @@ def test_lookup_prefix_stops_at_the_first_missing_chunk() -> None:
     assert asked == hashes[:3]
     assert database.lookup_prefix(token_ids, set(hashes).__contains__) == 16
     assert database.lookup_prefix(token_ids, set(hashes).__contains__, cache_salt="other") == 0
+
+
+def _image(identifier: str, offset: int) -> MultiModalFeature:
+    return MultiModalFeature(identifier=identifier, position=PlaceholderRange(offset, 6, ((1, 5),)), num_crops=1)
+
+
+def test_chunks_touching_an_image_carry_its_identifier_like_engine_blocks() -> None:
+    token_ids = list(range(1000, 1064))
+    database = ChunkedTokenDatabase(chunk_size=16)
+    cat = [h for _, _, h in database.process_tokens(token_ids, None, [_image("cat", 20)])]
+    dog = [h for _, _, h in database.process_tokens(token_ids, None, [_image("dog", 20)])]
+    assert cat[0] == dog[0], "the chunk before the image is shared"
+    assert not set(cat[1:]) & set(dog[1:]), "from the chunk holding the image on, nothing is shared"
+    hasher = get_request_block_hasher(16, get_hash_fn("sha256"))
+    request = Request("r", token_ids, SamplingParams(max_tokens=1), 1, 0.0, mm_features=[_image("cat", 20)],
+                      block_hasher=hasher)
+    assert cat == request.block_hashes
