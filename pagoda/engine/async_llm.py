@@ -26,7 +26,8 @@ from pagoda.config import PagodaConfig
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.core_client import AsyncMPClient
 from pagoda.engine.exceptions import EngineDeadError
-from pagoda.engine.input_processor import InputProcessor, PromptType
+from pagoda.engine.input_processor import InputProcessor
+from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType
 from pagoda.engine.iteration_stats import IterationStats, StatLogger
 from pagoda.engine.llm_engine import prepare_request
 from pagoda.engine.messages import SchedulerStatsMessage
@@ -50,7 +51,7 @@ class AsyncLLM:
         tokenizer = load_tokenizer_in_background(config.model_config.path)
         self.engine_core = AsyncMPClient(config)
         self.tokenizer = tokenizer.result()
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(config.model_config, self.tokenizer, config.scheduler_config)
         self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)
         # The scheduler's gauges after the latest step.
         self.scheduler_stats: SchedulerStatsMessage | None = None
@@ -86,9 +87,14 @@ class AsyncLLM:
     def _dead_error(self) -> EngineDeadError:
         return self._error or EngineDeadError(self.engine_core.engine.death_message())
 
+    async def process_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> ProcessedPrompt:
+        """Tokenize a prompt and preprocess its images off the event loop (decoding and resizing an image
+        takes tens to hundreds of milliseconds: other requests' streams must not wait for it)."""
+        return await asyncio.to_thread(self.input_processor.process_prompt, prompt, add_special_tokens)
+
     async def generate(
         self,
-        prompt: PromptType,
+        prompt: PromptType | ProcessedPrompt,
         sampling_params: SamplingParams,
         request_id: str,
         priority: int = 0,
@@ -105,6 +111,8 @@ class AsyncLLM:
             raise self._dead_error()
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            prompt = await self.process_prompt(prompt, add_special_tokens)
         prepared = prepare_request(
             self.input_processor, request_id, prompt, sampling_params, priority, add_special_tokens=add_special_tokens
         )

@@ -1,5 +1,11 @@
 """Engine layer: turns a user prompt and `SamplingParams` into a validated `EngineCoreRequest`.
 
+A prompt with images goes through the model's multimodal processor
+(`pagoda.multimodal`): images loaded and checked, preprocessed (or taken
+from the processor cache), placeholders expanded into the token ids, one
+`MultiModalFeature` per image; each item must fit the encoder cache and the
+encoder's per-step budget, or it could never be scheduled.
+
 Everything a request could get wrong is checked here, before anything is
 scheduled, so a bad request fails alone with a `ValueError` naming the field
 and the engine goes on serving everyone else.
@@ -9,24 +15,60 @@ from __future__ import annotations
 
 import time
 
-from pagoda.config import ModelConfig
+from typing import Any
+
+from pagoda.config import ModelConfig, SchedulerConfig
+from pagoda.core.multimodal import MultiModalFeature
 from pagoda.engine.messages import EngineCoreRequest
+from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType, parse_prompt
 from pagoda.engine.tokenizer import Tokenizer
 from pagoda.sampling_params import SamplingParams
-
-# Prompts are either text or token ids.
-PromptType = str | list[int]
 
 # As in vLLM: asking for more candidates than this per position is refused.
 MAX_LOGPROBS = 20
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Tokenizer,
+                 scheduler_config: SchedulerConfig | None = None, mm_processor: Any = None) -> None:
         self._model_config = model_config
+        self._scheduler_config = scheduler_config or SchedulerConfig(max_model_len=model_config.max_model_len)
         self.tokenizer = tokenizer
+        # `pagoda.multimodal`'s processor for image models, None for text-only ones.
+        self.mm_processor = mm_processor
 
-    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> list[int]:
+    def process_prompt(self, prompt: PromptType | ProcessedPrompt, add_special_tokens: bool = True) -> ProcessedPrompt:
+        """Token ids (images expanded) and image items of any prompt shape `parse_prompt` takes."""
+        if isinstance(prompt, ProcessedPrompt):
+            return prompt
+        parsed = parse_prompt(prompt)
+        if self.mm_processor is None:
+            if parsed.images or parsed.mm_processor_kwargs:
+                raise ValueError(f"model {self._model_config.model!r} takes no images "
+                                 "(multi_modal_data and mm_processor_kwargs are for image models)")
+            return ProcessedPrompt(self.tokenize(parsed.text if parsed.text is not None else parsed.token_ids,
+                                                 add_special_tokens), text=parsed.text)
+        if parsed.text is None:
+            return ProcessedPrompt(self.tokenize(parsed.token_ids, add_special_tokens))
+        if not parsed.text:
+            raise ValueError("prompt is empty")
+        token_ids, features = self.mm_processor.process(parsed.text, parsed.images, parsed.mm_processor_kwargs,
+                                                        add_special_tokens=add_special_tokens)
+        self._validate_features(features)
+        return ProcessedPrompt(token_ids, features or None, text=parsed.text)
+
+    def _validate_features(self, features: list[MultiModalFeature]) -> None:
+        cache_rows = self._scheduler_config.encoder_cache_rows
+        budget = self._scheduler_config.encoder_compute_budget
+        for index, feature in enumerate(features):
+            if feature.num_embeds > cache_rows:
+                raise ValueError(f"image {index} needs {feature.num_embeds} encoder output rows, more than the "
+                                 f"encoder cache holds (encoder_cache_size={cache_rows})")
+            if feature.num_embeds > budget:
+                raise ValueError(f"image {index} needs {feature.num_embeds} encoder output rows, more than the "
+                                 f"encoder may produce in one step (max_num_encoder_input_tokens={budget})")
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -43,6 +85,7 @@ class InputProcessor:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        mm_features: list[MultiModalFeature] | None = None,
     ) -> EngineCoreRequest:
         self._validate_prompt(prompt_token_ids)
         params = self._validate_params(params, len(prompt_token_ids))
@@ -55,6 +98,7 @@ class InputProcessor:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             priority=priority,
             cache_salt=cache_salt,
+            mm_features=mm_features,
         )
 
     def _validate_prompt(self, token_ids: list[int]) -> None:

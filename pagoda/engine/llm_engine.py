@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from pagoda.config import PagodaConfig
 from pagoda.engine.core_client import EngineCoreClient, make_client
-from pagoda.engine.input_processor import InputProcessor, PromptType
+from pagoda.engine.input_processor import InputProcessor
+from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType
 from pagoda.engine.messages import EngineCoreRequest, SchedulerStatsMessage
 from pagoda.engine.output_processor import OutputProcessor, ParentRequest
 from pagoda.engine.tokenizer import load_tokenizer_in_background
@@ -28,18 +29,20 @@ class PreparedRequest:
 def prepare_request(
     input_processor: InputProcessor,
     request_id: str,
-    prompt: PromptType,
+    prompt: PromptType | ProcessedPrompt,
     params: SamplingParams,
     priority: int = 0,
     cache_salt: str | None = None,
     add_special_tokens: bool = True,
 ) -> PreparedRequest:
     """Validate and tokenize one user request and fan it out into its `n` core requests."""
-    token_ids = input_processor.tokenize(prompt, add_special_tokens)
-    first = input_processor.process(request_id, token_ids, params, priority=priority, cache_salt=cache_salt)
+    processed = input_processor.process_prompt(prompt, add_special_tokens)
+    token_ids = processed.token_ids
+    first = input_processor.process(request_id, token_ids, params, priority=priority, cache_salt=cache_salt,
+                                    mm_features=processed.mm_features)
     parent = ParentRequest(
         request_id=request_id,
-        prompt=prompt if isinstance(prompt, str) else None,
+        prompt=processed.text,
         prompt_token_ids=token_ids,
         n=params.n,
         output_kind=params.output_kind,
@@ -59,6 +62,7 @@ def prepare_request(
                 arrival_time=first.arrival_time,
                 priority=priority,
                 cache_salt=cache_salt,
+                mm_features=processed.mm_features,
             )
         )
     return PreparedRequest(parent, children)
@@ -70,14 +74,14 @@ class LLMEngine:
         tokenizer = load_tokenizer_in_background(config.model_config.path)
         self.engine_core: EngineCoreClient = make_client(config, engine_mode)
         self.tokenizer = tokenizer.result()
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(config.model_config, self.tokenizer, config.scheduler_config)
         self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)
         self.scheduler_stats: SchedulerStatsMessage | None = None
 
     def prepare_request(
         self,
         request_id: str,
-        prompt: PromptType,
+        prompt: PromptType | ProcessedPrompt,
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,

@@ -14,11 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagoda.core.multimodal import MultiModalFeature
+
 PromptType = str | list[int] | dict[str, Any]
 
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
 # Content-part types carrying an image, and where each keeps it.
 _IMAGE_PARTS = {"image_url": "image_url", "image": "image", "image_pil": "image_pil"}
+
+
+@dataclass
+class ProcessedPrompt:
+    """A prompt ready for the engine: token ids with images expanded, and the image items."""
+
+    token_ids: list[int]
+    mm_features: list[MultiModalFeature] | None = None
+    text: str | None = None
 
 
 @dataclass

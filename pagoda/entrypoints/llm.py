@@ -15,8 +15,8 @@ import msgspec
 from tqdm.auto import tqdm
 
 from pagoda.engine.arg_utils import EngineArgs
-from pagoda.engine.input_processor import PromptType
 from pagoda.engine.llm_engine import LLMEngine, PreparedRequest
+from pagoda.engine.prompt_inputs import PromptType, split_chat_images
 from pagoda.engine.tokenizer import ChatMessage, render_chat
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
@@ -25,7 +25,7 @@ Prompts = Union[PromptType, Sequence[PromptType]]
 
 
 def _as_prompt_list(prompts: Prompts) -> list[PromptType]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
     if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]  # type: ignore[arg-type]
@@ -68,13 +68,19 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, by the model's chat template."""
+        """Generate replies to one conversation or a list of them, by the model's chat template.
+
+        Content may be a string or OpenAI-style parts: text, and images as
+        `{"type": "image_url", "image_url": {"url": "data:..."}}` or
+        `{"type": "image", "image": PIL image, path or bytes}`.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.llm_engine.tokenizer
-        prompts: list[PromptType] = [
-            render_chat(tokenizer, conversation, add_generation_prompt, chat_template)
-            for conversation in conversations
-        ]
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            conversation, images = split_chat_images(conversation)
+            text = render_chat(tokenizer, conversation, add_generation_prompt, chat_template)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
         # The template already places BOS and other special tokens.
         return self._run(prompts, sampling_params, use_tqdm, None, add_special_tokens=False)
 
