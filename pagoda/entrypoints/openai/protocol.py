@@ -157,9 +157,15 @@ class CompletionRequest(SamplingRequest):
         return list(prompt)  # type: ignore[arg-type]
 
 
+class ImageURL(OpenAIBaseModel):
+    url: str  # a data: URI; this server fetches nothing
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(OpenAIBaseModel):
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -167,18 +173,30 @@ class ChatMessage(OpenAIBaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def to_template_message(self) -> dict[str, str]:
-        """The message as the chat template expects it: text parts joined, other parts refused."""
-        content = self.content
+    def to_template_message(self) -> dict[str, Any]:
+        """The message as the chat template expects it: text parts joined into a string; with images, a list
+        of text and `image_url` parts (`pagoda.engine.prompt_inputs.split_chat_images` takes it from there)."""
+        content: Any = self.content
         if isinstance(content, list):
-            unsupported = sorted({part.type for part in content if part.type != "text"})
+            unsupported = sorted({part.type for part in content if part.type not in ("text", "image_url")})
             if unsupported:
-                raise ValueError(f"content parts of type {unsupported} are not supported by this model")
-            content = "".join(part.text or "" for part in content)
-        message = {"role": self.role, "content": content or ""}
+                raise ValueError(f"content parts of type {unsupported} are not supported (text and image_url are)")
+            if any(part.type == "image_url" for part in content):
+                content = [_template_part(part) for part in content]
+            else:
+                content = "".join(part.text or "" for part in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
         return message
+
+
+def _template_part(part: ContentPart) -> dict[str, Any]:
+    if part.type == "text":
+        return {"type": "text", "text": part.text or ""}
+    if part.image_url is None:
+        raise ValueError("an image_url content part needs image_url: {\"url\": \"data:image/...;base64,...\"}")
+    return {"type": "image_url", "image_url": {"url": part.image_url.url}}
 
 
 class ChatCompletionRequest(SamplingRequest):

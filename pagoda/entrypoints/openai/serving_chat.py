@@ -54,12 +54,11 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model_name = self.check_request(request, "/v1/chat/completions",
                                         {"best_of": request.n, "add_special_tokens": False})
-        token_ids = self.prompt_token_ids(self.chat_token_ids(request.messages, request.add_generation_prompt),
-                                          "messages")
-        max_tokens = self.max_tokens(request.requested_max_tokens, len(token_ids))
+        prompt = await self.chat_prompt(request.messages, request.add_generation_prompt)
+        max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt.token_ids))
         params = self.sampling_params(request, max_tokens, request.num_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = self.generate(token_ids, params, request_id)
+        outputs = self.generate(prompt, params, request_id)
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, model_name, outputs),
                                      media_type="text/event-stream")

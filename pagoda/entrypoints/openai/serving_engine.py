@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.exceptions import EngineDeadError
+from pagoda.engine.prompt_inputs import ProcessedPrompt, split_chat_images
 from pagoda.engine.tokenizer import render_chat
 from pagoda.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from pagoda.entrypoints.openai.input_text import longest_token_bytes, text_bytes
@@ -114,12 +115,37 @@ class OpenAIServing:
 
     def chat_token_ids(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
         """A conversation rendered by the chat template; 400 naming `messages` if the template refuses it."""
-        try:
-            text = render_chat(self.tokenizer, [m.to_template_message() for m in messages], add_generation_prompt)
-        except (ValueError, jinja2.TemplateError) as error:
-            raise bad_request(f"messages: {error}", "messages") from error
+        text, images = self._render_chat(messages, add_generation_prompt)
+        if images:
+            raise bad_request("messages: images are not tokenized here; send them to /v1/chat/completions",
+                              "messages")
         # The template places BOS and the other special tokens itself.
         return self.encode(text, "messages", add_special_tokens=False)
+
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> ProcessedPrompt:
+        """The conversation as the engine's prompt: token ids, and for image parts, the preprocessed images
+        (off the event loop); 400 naming `messages` for a bad image or a model that takes none."""
+        text, images = self._render_chat(messages, add_generation_prompt)
+        if not images:
+            return ProcessedPrompt(self.prompt_token_ids(self.encode(text, "messages", add_special_tokens=False),
+                                                         "messages"))
+        if self.engine.input_processor.mm_processor is None:
+            raise bad_request("messages: this model takes no images", "messages")
+        self.check_text_length(text, "messages")
+        try:
+            processed = await self.engine.process_prompt({"prompt": text, "multi_modal_data": {"image": images}},
+                                                         add_special_tokens=False)
+        except ValueError as error:
+            raise bad_request(f"messages: {error}", "messages") from error
+        self.prompt_token_ids(processed.token_ids, "messages")
+        return processed
+
+    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[Any]]:
+        try:
+            conversation, images = split_chat_images([m.to_template_message() for m in messages])
+            return render_chat(self.tokenizer, conversation, add_generation_prompt), images
+        except (ValueError, jinja2.TemplateError) as error:
+            raise bad_request(f"messages: {error}", "messages") from error
 
     def max_tokens(self, requested: int | None, num_prompt_tokens: int) -> int:
         """The completion budget: as requested, or what the context leaves; 400 past the context."""
@@ -139,7 +165,7 @@ class OpenAIServing:
             raise from_value_error(error) from error
 
     async def generate(
-        self, token_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt: list[int] | ProcessedPrompt, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one prompt, engine failures as OpenAI errors.
 
@@ -147,7 +173,7 @@ class OpenAIServing:
         generator, and `AsyncLLM.generate` then aborts the request.
         """
         try:
-            async for output in self.engine.generate(token_ids, params, request_id):
+            async for output in self.engine.generate(prompt, params, request_id):
                 if output.error is not None:
                     raise OpenAIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"request failed: {output.error}")
                 yield output
