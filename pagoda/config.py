@@ -9,7 +9,7 @@ model's max length, the number of KV blocks) produce a new config through
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pagoda.kv_store_spec import KVStoreConfig
 
@@ -134,6 +134,26 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class MultiModalConfig:
+    """Image inputs of multimodal models (ignored by text-only ones)."""
+
+    # Processor options applied to every image, overridden per prompt (`do_pan_and_scan`, `pan_and_scan_*`).
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Most images one prompt may carry; None: no limit beyond what fits the context.
+    limit_images_per_prompt: int | None = None
+    # The processor cache's budget (preprocessed pixels, by image hash); 0 turns it off.
+    processor_cache_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.mm_processor_kwargs, dict),
+                 f"mm_processor_kwargs must be a dict, got {type(self.mm_processor_kwargs).__name__}")
+        _require(self.limit_images_per_prompt is None or self.limit_images_per_prompt >= 0,
+                 f"limit_mm_per_prompt['image'] must be non-negative, got {self.limit_images_per_prompt}")
+        _require(self.processor_cache_bytes >= 0,
+                 f"mm_processor_cache_gb must be non-negative, got {self.processor_cache_bytes / 2**30:g}")
+
+
+@dataclass(frozen=True)
 class PagodaConfig:
     """The whole tree, passed to the engine."""
 
@@ -141,6 +161,7 @@ class PagodaConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer_config: KVTransferConfig | None = None
+    mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
 
     def __post_init__(self) -> None:
         if self.kv_transfer_config is not None:

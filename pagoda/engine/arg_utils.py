@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagoda.config import CacheConfig, KVTransferConfig, ModelConfig, PagodaConfig, SchedulerConfig
+from pagoda.config import (
+    CacheConfig,
+    KVTransferConfig,
+    ModelConfig,
+    MultiModalConfig,
+    PagodaConfig,
+    SchedulerConfig,
+)
 from pagoda.kv_store_spec import parse_kv_store_spec
 from pagoda.models.identity import model_identity
 from pagoda.models.resolve import resolve_model
@@ -47,6 +54,14 @@ class EngineArgs:
     kv_store: str | None = None
     kv_store_chunk_size: int = 256
     kv_store_load_mode: str = "layerwise"
+    # Image models (as vLLM names them): processor options for every image, e.g. {"do_pan_and_scan": True};
+    # the most items per prompt, e.g. {"image": 2}; the processor cache's size; the encoder cache's size and
+    # per-step budget in encoder output rows (None: see SchedulerConfig).
+    mm_processor_kwargs: dict[str, Any] | None = None
+    limit_mm_per_prompt: dict[str, int] | None = None
+    mm_processor_cache_gb: float = 4.0
+    encoder_cache_size: int | None = None
+    max_num_encoder_input_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.engine_mode not in ENGINE_MODES:
@@ -94,9 +109,23 @@ class EngineArgs:
             max_model_len=max_model_len,
             enable_chunked_prefill=self.enable_chunked_prefill,
             policy=self.scheduling_policy,
+            encoder_cache_size=self.encoder_cache_size,
+            max_num_encoder_input_tokens=self.max_num_encoder_input_tokens,
         )
         kv_transfer_config = None
         if self.kv_store is not None:
             kv_transfer_config = KVTransferConfig(parse_kv_store_spec(self.kv_store), self.kv_store_chunk_size,
                                                   self.kv_store_load_mode)
-        return PagodaConfig(model_config, cache_config, scheduler_config, kv_transfer_config)
+        return PagodaConfig(model_config, cache_config, scheduler_config, kv_transfer_config,
+                            mm_config=self._mm_config())
+
+    def _mm_config(self) -> MultiModalConfig:
+        limits = dict(self.limit_mm_per_prompt or {})
+        unknown = sorted(set(limits) - {"image"})
+        if unknown:
+            raise ValueError(f"limit_mm_per_prompt: only 'image' is supported, got {unknown}")
+        if self.mm_processor_cache_gb < 0:
+            raise ValueError(f"mm_processor_cache_gb must be non-negative, got {self.mm_processor_cache_gb}")
+        return MultiModalConfig(mm_processor_kwargs=dict(self.mm_processor_kwargs or {}),
+                                limit_images_per_prompt=limits.get("image"),
+                                processor_cache_bytes=int(self.mm_processor_cache_gb * 2**30))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -46,6 +47,26 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="tokens per stored chunk (a multiple of --block-size)")
     parser.add_argument("--kv-store-load-mode", choices=["layerwise", "bulk", "async"],
                         default=defaults.kv_store_load_mode)
+    parser.add_argument("--mm-processor-kwargs", type=_json_object, default=None, metavar="JSON",
+                        help='image processor options for every image, e.g. \'{"do_pan_and_scan": true}\'')
+    parser.add_argument("--limit-mm-per-prompt", type=_json_object, default=None, metavar="JSON",
+                        help='most images per prompt, e.g. \'{"image": 2}\'')
+    parser.add_argument("--mm-processor-cache-gb", type=float, default=defaults.mm_processor_cache_gb,
+                        help="processor cache for preprocessed images (0 turns it off)")
+    parser.add_argument("--encoder-cache-size", type=int, default=None,
+                        help="encoder output rows the encoder cache holds (default: max(8192, batched tokens))")
+    parser.add_argument("--max-num-encoder-input-tokens", type=int, default=None,
+                        help="encoder output rows one step may compute (default: --max-num-batched-tokens)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
