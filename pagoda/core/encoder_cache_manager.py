@@ -109,5 +109,9 @@ class EncoderCacheManager:
             self._referenced_by.pop(identifier, None)
             self._evicted.append(identifier)
 
+    def metrics(self) -> dict[str, float]:
+        return {"hits": float(self.num_hits), "evictions": float(self.num_evictions),
+                "entries": float(self.num_cached), "free_rows": float(self.num_free_slots)}
+
     def _num_unreferenced_slots(self) -> int:
         return sum(self._num_embeds[identifier] for identifier in self._unreferenced)

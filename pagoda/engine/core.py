@@ -109,7 +109,14 @@ class EngineCore:
             prefix_cache_hits=stats.prefix_cache_hits,
             num_preemptions=stats.num_preemptions,
             kv_store=self.executor.kv_store_metrics(),
+            multimodal=self._multimodal_metrics(),
         )
+
+    def _multimodal_metrics(self) -> dict[str, dict[str, float]] | None:
+        manager = self.scheduler.encoder_cache_manager
+        if manager is None:
+            return None
+        return {"encoder_cache": manager.metrics(), **(self.executor.mm_metrics() or {})}
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

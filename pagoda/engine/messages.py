@@ -73,6 +73,8 @@ class SchedulerStatsMessage(msgspec.Struct, array_like=True, gc=False, kw_only=T
     num_preemptions: int
     # KV store counters by tier name (and "connector"); None without a store.
     kv_store: dict[str, dict[str, float]] | None = None
+    # Image models: counters by cache ("encoder_cache", "encoder", and the EC connector's "ec.<tier>" groups).
+    multimodal: dict[str, dict[str, float]] | None = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):

@@ -151,8 +151,12 @@ class LLM:
         stats = self.llm_engine.scheduler_stats
         if stats is None:
             return {}
-        metrics = {field: float(getattr(stats, field)) for field in stats.__struct_fields__ if field != "kv_store"}
+        metrics = {field: float(getattr(stats, field)) for field in stats.__struct_fields__
+                   if field not in ("kv_store", "multimodal")}
         for tier, counters in (stats.kv_store or {}).items():
             for name, value in counters.items():
                 metrics[f"kv_store.{tier}.{name}"] = value
+        for group, counters in (stats.multimodal or {}).items():
+            for name, value in counters.items():
+                metrics[f"mm.{group}.{name}"] = value
         return metrics

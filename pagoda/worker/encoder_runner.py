@@ -86,6 +86,15 @@ class EncoderRunner:
             if self.ec_connector is not None:
                 self.ec_connector.save_caches(self.cache, identifier)
 
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Counters of this worker's encoder, plus the EC connector's groups as "ec.<group>"."""
+        groups = {"encoder": {"encoded_items": float(self.num_encoded), "loaded_items": float(self.num_loaded),
+                              "failed_loads": float(len(self.failed_loads)), "cached_items": float(len(self.cache))}}
+        if self.ec_connector is not None:
+            for group, counters in self.ec_connector.metrics_snapshot().items():
+                groups[f"ec.{group}"] = counters
+        return groups
+
     def gather(self, states: list[CachedRequestState], num_computed: np.ndarray, num_scheduled: np.ndarray,
                query_start: np.ndarray) -> StepImageRows:
         """The encoder rows for every image position of the step, and each row's runs."""

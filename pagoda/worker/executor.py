@@ -43,6 +43,9 @@ class Executor(ABC):
     def kv_store_metrics(self) -> dict[str, dict[str, float]] | None:
         return self.collective_rpc("kv_store_metrics")[0]
 
+    def mm_metrics(self) -> dict[str, dict[str, float]] | None:
+        return self.collective_rpc("mm_metrics")[0]
+
     def flush_kv_store(self) -> bool:
         return all(self.collective_rpc("flush_kv_store"))
 

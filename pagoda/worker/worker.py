@@ -68,6 +68,10 @@ class Worker:
         connector = self.model_runner.kv_connector
         return None if connector is None else connector.metrics_snapshot()
 
+    def mm_metrics(self) -> dict[str, dict[str, float]] | None:
+        runner = self.model_runner.encoder_runner
+        return None if runner is None else runner.metrics()
+
     def flush_kv_store(self) -> bool:
         connector = self.model_runner.kv_connector
         if connector is None:

@@ -65,8 +65,10 @@ class ServerMetrics:
                                        ["model_name", "finish_reason"], registry=self.registry)
         self._cumulative = {name: counter(name, doc) for name, doc in _CUMULATIVE_STATS.items()}
         self._last_cumulative = dict.fromkeys(_CUMULATIVE_STATS, 0)
-        self.kv_store = KVStoreCollector(model_name)
+        self.kv_store = GroupedCounters(model_name, "kv_store", "KV store", "tier")
         self.registry.register(self.kv_store)
+        self.multimodal = GroupedCounters(model_name, "mm", "Image caches", "cache")
+        self.registry.register(self.multimodal)
 
     def __call__(self, iteration_stats: IterationStats, scheduler_stats: SchedulerStatsMessage | None) -> None:
         self.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
@@ -88,6 +90,8 @@ class ServerMetrics:
         self.kv_cache_usage.set(stats.kv_cache_usage)
         if stats.kv_store is not None:
             self.kv_store.snapshot = stats.kv_store
+        if stats.multimodal is not None:
+            self.multimodal.snapshot = stats.multimodal
         for name, metric in self._cumulative.items():
             value = getattr(stats, name)
             if value > self._last_cumulative[name]:
@@ -98,11 +102,13 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class KVStoreCollector(Collector):
-    """`pagoda:kv_store_<counter>_total{tier=...}` from the engine's latest KV store snapshot."""
+class GroupedCounters(Collector):
+    """`pagoda:<prefix>_<counter>_total{<label>=...}` from the engine's latest snapshot of counters by group
+    (the KV store's by tier, the image caches' by cache)."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, prefix: str, what: str, label: str) -> None:
         self.model_name = model_name
+        self.prefix, self.what, self.label = prefix, what, label
         self.snapshot: dict[str, dict[str, float]] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -112,7 +118,7 @@ class KVStoreCollector(Collector):
                 family = families.get(name)
                 if family is None:
                     family = families[name] = CounterMetricFamily(
-                        f"{_PREFIX}kv_store_{name}", f"KV store: {name.replace('_', ' ')}, per tier.",
-                        labels=["model_name", "tier"])
+                        f"{_PREFIX}{self.prefix}_{name}", f"{self.what}: {name.replace('_', ' ')}, per {self.label}.",
+                        labels=["model_name", self.label])
                 family.add_metric([self.model_name, tier], value)
         yield from families.values()
