@@ -9,6 +9,7 @@ model's max length, the number of KV blocks) produce a new config through
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pagoda.kv_store_spec import KVStoreConfig
@@ -18,6 +19,8 @@ _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _HASH_ALGOS = ("sha256", "xxhash")
 _QUANTIZATIONS = (None, "int8")
 KV_LOAD_MODES = ("layerwise", "bulk", "async")
+# Which directions an encoder-cache store is used in: saves after encoding, loads instead of encoding, or both.
+EC_ROLES = ("ec_producer", "ec_consumer", "ec_both")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -154,6 +157,39 @@ class MultiModalConfig:
 
 
 @dataclass(frozen=True)
+class ECTransferConfig:
+    """The encoder-cache store behind the EC connector: encoder outputs of images that outlive the engine.
+
+    `ec_store` uses the `--kv-store` tier syntax (`pagoda.kv_store_spec`),
+    parsed once. A producer saves what the encoder computes, a consumer loads
+    what the store holds instead of running the encoder, `ec_both` does both.
+    """
+
+    ec_store: KVStoreConfig
+    ec_role: str
+    # Where the scheduler side reaches the store's index (ZMQ); EngineCore picks a private ipc path.
+    lookup_address: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.ec_store, KVStoreConfig),
+                 f"ec_store must be a parsed KVStoreConfig (pagoda.kv_store_spec.parse_kv_store_spec), "
+                 f"got {type(self.ec_store).__name__}")
+        _require(self.ec_role in EC_ROLES, f"ec_role must be one of {EC_ROLES}, got {self.ec_role!r}")
+
+    @property
+    def is_producer(self) -> bool:
+        return self.ec_role in ("ec_producer", "ec_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.ec_role in ("ec_consumer", "ec_both")
+
+
+def _disk_paths(store: KVStoreConfig) -> set[Path]:
+    return {Path(tier.path).expanduser().resolve() for tier in store.tiers if tier.path is not None}
+
+
+@dataclass(frozen=True)
 class PagodaConfig:
     """The whole tree, passed to the engine."""
 
@@ -162,8 +198,14 @@ class PagodaConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer_config: KVTransferConfig | None = None
     mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
+    ec_transfer_config: ECTransferConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_transfer_config is not None and self.ec_transfer_config is not None:
+            # A disk tier owns its folder: it indexes every file there against its budget and evicts them.
+            shared = _disk_paths(self.kv_transfer_config.kv_store) & _disk_paths(self.ec_transfer_config.ec_store)
+            _require(not shared, f"--kv-store and --ec-store name the same disk folder {sorted(map(str, shared))}; "
+                                 f"give each store a folder of its own")
         if self.kv_transfer_config is not None:
             _require(self.kv_transfer_config.chunk_size % self.cache_config.block_size == 0,
                      f"kv_store_chunk_size ({self.kv_transfer_config.chunk_size}) must be a multiple of "

@@ -266,20 +266,23 @@ def _parse_tier(item: str) -> TierSpec:
     raise ValueError(f"unknown tier kind {kind!r}; expected {FORMS}")
 
 
-def parse_kv_store_spec(spec: str) -> KVStoreConfig:
-    """The config a `--kv-store` string describes; ValueError naming the bad item and what was expected."""
+def parse_kv_store_spec(spec: str, flag: str = "--kv-store") -> KVStoreConfig:
+    """The config a `--kv-store` string describes; ValueError naming the bad item and what was expected.
+
+    `flag` names the option in messages: the encoder-cache store (`--ec-store`) uses the same syntax.
+    """
     if not spec.strip():
-        raise ValueError(f"--kv-store is empty; expected comma-separated tiers: {FORMS}")
+        raise ValueError(f"{flag} is empty; expected comma-separated tiers: {FORMS}")
     tiers: list[TierSpec] = []
     for position, raw_item in enumerate(spec.split(","), start=1):
         item = raw_item.strip()
         if not item:
-            raise ValueError(f"--kv-store {spec!r}: tier {position} is empty; expected {FORMS}")
+            raise ValueError(f"{flag} {spec!r}: tier {position} is empty; expected {FORMS}")
         try:
             tiers.append(_parse_tier(item))
         except ValueError as exc:
-            raise ValueError(f"--kv-store item {redact_url(item)!r}: {exc}") from None
+            raise ValueError(f"{flag} item {redact_url(item)!r}: {exc}") from None
     try:
         return KVStoreConfig(tuple(tiers))
     except ValueError as exc:
-        raise ValueError(f"--kv-store: {exc}") from None
+        raise ValueError(f"{flag}: {exc}") from None

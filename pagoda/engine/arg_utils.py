@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pagoda.config import (
+    EC_ROLES,
     CacheConfig,
+    ECTransferConfig,
     KVTransferConfig,
     ModelConfig,
     MultiModalConfig,
@@ -62,10 +64,15 @@ class EngineArgs:
     mm_processor_cache_gb: float = 4.0
     encoder_cache_size: int | None = None
     max_num_encoder_input_tokens: int | None = None
+    # The encoder-cache store for image encoder outputs (same tier syntax), e.g. "disk:/var/cache/pagoda-ec:20GiB",
+    # and its role: "ec_producer", "ec_consumer" or "ec_both". None: no store.
+    ec_store: str | None = None
+    ec_role: str | None = None
 
     def __post_init__(self) -> None:
         if self.engine_mode not in ENGINE_MODES:
             raise ValueError(f"engine_mode must be one of {ENGINE_MODES}, got {self.engine_mode!r}")
+        ec_transfer_config(self.ec_store, self.ec_role)  # a mistake is named before the model is resolved
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":
@@ -117,7 +124,8 @@ class EngineArgs:
             kv_transfer_config = KVTransferConfig(parse_kv_store_spec(self.kv_store), self.kv_store_chunk_size,
                                                   self.kv_store_load_mode)
         return PagodaConfig(model_config, cache_config, scheduler_config, kv_transfer_config,
-                            mm_config=self._mm_config())
+                            mm_config=self._mm_config(),
+                            ec_transfer_config=ec_transfer_config(self.ec_store, self.ec_role))
 
     def _mm_config(self) -> MultiModalConfig:
         limits = dict(self.limit_mm_per_prompt or {})
@@ -129,3 +137,15 @@ class EngineArgs:
         return MultiModalConfig(mm_processor_kwargs=dict(self.mm_processor_kwargs or {}),
                                 limit_images_per_prompt=limits.get("image"),
                                 processor_cache_bytes=int(self.mm_processor_cache_gb * 2**30))
+
+
+def ec_transfer_config(ec_store: str | None, ec_role: str | None) -> ECTransferConfig | None:
+    """The encoder-cache store the `ec_store` / `ec_role` pair describes; None when neither is given."""
+    if ec_store is None and ec_role is None:
+        return None
+    if ec_store is None:
+        raise ValueError(f"ec_role={ec_role!r} needs an encoder-cache store: set ec_store (--ec-store), "
+                         f"e.g. disk:/var/cache/pagoda-ec:20GiB")
+    if ec_role is None:
+        raise ValueError(f"ec_store={ec_store!r} needs ec_role (--ec-role), one of {EC_ROLES}")
+    return ECTransferConfig(parse_kv_store_spec(ec_store, flag="--ec-store"), ec_role)

@@ -20,6 +20,7 @@ DEFAULT_PROMPTS = (
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    from pagoda.config import EC_ROLES
     from pagoda.engine.arg_utils import EngineArgs
 
     defaults = EngineArgs()
@@ -57,6 +58,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="encoder output rows the encoder cache holds (default: max(8192, batched tokens))")
     parser.add_argument("--max-num-encoder-input-tokens", type=int, default=None,
                         help="encoder output rows one step may compute (default: --max-num-batched-tokens)")
+    parser.add_argument("--ec-store", default=None, metavar="TIERS",
+                        help="store for image encoder outputs, same tier syntax as --kv-store, e.g. "
+                             "disk:/var/cache/pagoda-ec:20GiB,redis://127.0.0.1:6379/0 (needs --ec-role)")
+    parser.add_argument("--ec-role", choices=list(EC_ROLES), default=None,
+                        help="ec_producer saves encoder outputs, ec_consumer loads them instead of encoding, "
+                             "ec_both does both")
 
 
 def _json_object(text: str) -> dict:

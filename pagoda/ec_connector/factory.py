@@ -1,0 +1,91 @@
+"""EC connector layer: builds the encoder-cache connector's two sides, and the store behind the worker side.
+
+The only place that names the connector classes, the store and its lookup
+pair. The engine calls `with_private_ec_lookup_address` once, then
+`make_ec_scheduler_connector` (the scheduler side and its `LookupClient`);
+each worker calls `make_ec_worker_connector` (the store's tiers, the
+`LookupServer` answering that client, the worker side). Both sides derive
+their keys from the same config (the model's identity and dtype), so they
+agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pagoda.config import PagodaConfig
+from pagoda.core.connector.ec import ECConnectorSchedulerSide, ECConnectorWorkerSide
+from pagoda.ec_connector.keys import EncoderOutputKeys
+from pagoda.ec_connector.scheduler_side import ECConnectorScheduler
+from pagoda.kvstore.build import build_storage_manager
+from pagoda.kvstore.lookup import LookupClient, LookupServer
+
+if TYPE_CHECKING:
+    import torch
+
+
+def with_private_ec_lookup_address(config: PagodaConfig) -> tuple[PagodaConfig, str | None]:
+    """The config with an ipc path of its own for the EC lookup pair when it names none, and the folder
+    holding that path (the caller removes it at shutdown); the config unchanged without an EC store."""
+    transfer = config.ec_transfer_config
+    if transfer is None or transfer.lookup_address is not None:
+        return config, None
+    folder = tempfile.mkdtemp(prefix="pagoda-ec-")
+    transfer = dataclasses.replace(transfer, lookup_address=f"ipc://{folder}/lookup")
+    return dataclasses.replace(config, ec_transfer_config=transfer), folder
+
+
+def encoder_output_keys(config: PagodaConfig) -> EncoderOutputKeys:
+    """Outputs are stored in the model's dtype, the one the merge into the text embeddings takes."""
+    return EncoderOutputKeys(config.model_config.identity, config.model_config.dtype)
+
+
+def make_ec_scheduler_connector(config: PagodaConfig) -> ECConnectorSchedulerSide | None:
+    """The scheduler side, asking the store through the lookup address; None without an EC store."""
+    transfer = config.ec_transfer_config
+    if transfer is None:
+        return None
+    assert transfer.lookup_address is not None, "the engine gives the EC lookup pair an address first"
+    return ECConnectorScheduler(transfer, encoder_output_keys(config), LookupClient(transfer.lookup_address))
+
+
+def make_ec_worker_connector(config: PagodaConfig, device: torch.device) -> ECConnectorWorkerSide | None:
+    """The worker side: opens the store, starts its lookup server; None without an EC store.
+
+    Loaded outputs land on `device`; their width is the text model's hidden
+    size (read from the model folder's config.json), the rows the merge writes.
+    """
+    transfer = config.ec_transfer_config
+    if transfer is None:
+        return None
+    # Imported here, not above: the worker side needs torch, the scheduler side must not pull it in.
+    import torch
+
+    from pagoda.ec_connector.worker_side import ECConnectorWorker
+
+    assert transfer.lookup_address is not None, "the engine gives the EC lookup pair an address first"
+    hidden_size = text_hidden_size(Path(config.model_config.path))
+    keys = encoder_output_keys(config)
+    manager = build_storage_manager(transfer.ec_store)
+    try:
+        lookup_server = LookupServer(manager, transfer.lookup_address)
+        lookup_server.start()
+    except BaseException:
+        manager.close()  # the disk tier runs threads: never leave them behind a failed start
+        raise
+    return ECConnectorWorker(transfer, keys, manager, lookup_server, dtype=getattr(torch, config.model_config.dtype),
+                             hidden_size=hidden_size, device=device)
+
+
+def text_hidden_size(model_path: Path) -> int:
+    """The language model's hidden size from a model folder's config.json (`text_config` for image models)."""
+    hf_config = json.loads((model_path / "config.json").read_text())
+    text_config = hf_config.get("text_config", hf_config)
+    if "hidden_size" not in text_config:
+        raise ValueError(f"{model_path / 'config.json'} names no hidden_size: an EC store needs the width "
+                         f"of the encoder outputs")
+    return int(text_config["hidden_size"])
