@@ -165,7 +165,8 @@ class ECConnectorWorker:
             logger.warning("EC store: item %s is not in the encoder cache (%s); not saved", identifier,
                            type(tensor).__name__)
             return False
-        if tensor.dim() != 2 or not tensor.shape[0] or tensor.shape[1] != self.hidden_size or tensor.dtype != self.dtype:
+        shape_ok = tensor.dim() == 2 and tensor.shape[0] > 0 and tensor.shape[1] == self.hidden_size
+        if not shape_ok or tensor.dtype != self.dtype:
             logger.warning("EC store: item %s is %s of %s, not [num_embeds > 0, %d] of %s; not saved", identifier,
                            tuple(tensor.shape), tensor.dtype, self.hidden_size, self.dtype)
             return False

@@ -8,8 +8,8 @@ import sys
 
 from core_helpers import REPO_ROOT
 
-FORBIDDEN = ("pagoda.kv_connector", "pagoda.kvstore", "pagoda.worker", "pagoda.engine", "pagoda.models",
-             "pagoda.entrypoints", "torch")
+FORBIDDEN = ("pagoda.kv_connector", "pagoda.ec_connector", "pagoda.kvstore", "pagoda.worker", "pagoda.engine",
+             "pagoda.models", "pagoda.entrypoints", "torch")
 
 _SCRIPT = f"""
 import importlib, pkgutil, sys

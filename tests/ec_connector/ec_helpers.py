@@ -36,7 +36,7 @@ def model_folder(root: Path, hidden_size: int = HIDDEN_SIZE) -> Path:
     return folder
 
 
-def make_config(root: Path, ec_store: str, ec_role: str, lookup_address: str, *, identity: str = MODEL_ID,
+def make_config(root: Path, ec_store: str, ec_role: str, lookup_address: str | None, *, identity: str = MODEL_ID,
                 dtype: str = "float32", hidden_size: int = HIDDEN_SIZE) -> PagodaConfig:
     model = ModelConfig(model="test", path=str(model_folder(root, hidden_size)),
                         architecture="Gemma3ForConditionalGeneration", dtype=dtype, max_model_len=8192,

@@ -23,10 +23,10 @@ from ec_helpers import (
 )
 
 from pagoda.ec_connector.keys import ENTRY_KIND, EncoderOutputKeys
+from pagoda.kv_store_spec import parse_kv_store_spec
 from pagoda.kvstore.build import build_storage_manager
 from pagoda.kvstore.entry import FIXED_HEADER_SIZE
 from pagoda.kvstore.keys import CacheEngineKey
-from pagoda.kv_store_spec import parse_kv_store_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
