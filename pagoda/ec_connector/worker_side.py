@@ -35,7 +35,6 @@ from pagoda.config import ECTransferConfig
 from pagoda.core.connector.ec_metadata import ECConnectorMetadata, ECConnectorOutput, ECLoadSpec
 from pagoda.ec_connector.keys import EncoderOutputKeys
 from pagoda.kvstore.background import lower_current_thread_priority
-from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.lookup import LookupServer
 from pagoda.kvstore.storage_manager import StorageManager
 
@@ -101,7 +100,11 @@ class ECConnectorWorker:
             if spec.identifier in encoder_cache:
                 continue
             started = time.perf_counter()
-            tensor = self._load(spec)
+            try:
+                tensor = self._load(spec)
+            except Exception:  # e.g. no device memory for the copy: the item is encoded instead, like any miss
+                logger.exception("EC store: loading item %s failed; encoding it", spec.identifier)
+                tensor = None
             with self._lock:
                 self._metrics.loads += 1
                 self._metrics.load_seconds += time.perf_counter() - started
@@ -153,7 +156,7 @@ class ECConnectorWorker:
                 return
             self._pending_save_bytes += num_bytes
         try:
-            self._putter.submit(self._put, self.keys.key(identifier), tensor, num_bytes)
+            self._putter.submit(self._put, identifier, tensor, num_bytes)
         except RuntimeError:  # closed: the save is dropped like any other fault
             with self._lock:
                 self._pending_save_bytes -= num_bytes
@@ -172,14 +175,15 @@ class ECConnectorWorker:
             return False
         return True
 
-    def _put(self, key: CacheEngineKey, tensor: torch.Tensor, num_bytes: int) -> None:
+    def _put(self, identifier: str, tensor: torch.Tensor, num_bytes: int) -> None:
         started = time.perf_counter()
         accepted = 0
         try:
             host = tensor.detach().cpu().contiguous()  # on an accelerator the copy waits here, off the step
-            accepted = self.manager.put(key, host.view(torch.uint8).numpy(), tuple(host.shape), self.dtype_name)
+            accepted = self.manager.put(self.keys.key(identifier), host.view(torch.uint8).numpy(),
+                                        tuple(host.shape), self.dtype_name)
         except Exception:  # a save must never take the engine down; the item is encoded again next time
-            logger.exception("EC store: saving %s failed", key.to_string())
+            logger.exception("EC store: saving item %s failed", identifier)
         finally:
             with self._lock:
                 self._pending_save_bytes -= num_bytes
