@@ -119,3 +119,22 @@ def test_a_corrupt_redis_entry_is_dropped_counted_and_reported(tmp_path: Path, r
     assert client.exists(bad_key) == 0  # dropped, so the next producer's save replaces it
     client.close()
     worker.close()
+
+
+@pytest.mark.slow
+def test_a_redis_outage_is_a_counted_miss_never_an_error(tmp_path: Path, redis_server) -> None:
+    config = make_config(tmp_path, redis_server.url, "ec_both", f"ipc://{tmp_path}/lookup")
+    worker, scheduler = worker_side(config), scheduler_side(config)
+    name = identifier("image")
+    redis_server.stop()
+    encoder_cache = {name: encoder_output(0)}
+    worker.save_caches(encoder_cache, name)
+    worker.flush()
+    assert not scheduler.has_cache_item(name)
+    loaded: dict[str, torch.Tensor] = {}
+    worker.start_load_caches(load_metadata(name), loaded)
+    assert loaded == {} and worker.finish_step().failed_loads == [name]
+    counters = worker.metrics_snapshot()
+    assert counters["connector"]["failed_saves"] == 1 and counters["redis"]["failed_puts"] == 1
+    worker.close()
+    scheduler.close()

@@ -248,3 +248,28 @@ def test_a_full_tier_evicts_and_refuses_without_raising(tmp_path: Path) -> None:
     assert counters["cpu"]["failed_puts"] == 1 and counters["connector"]["failed_saves"] == 1
     worker.close()
     scheduler.close()
+
+
+def test_a_load_that_raises_is_a_failed_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = make_config(tmp_path, "cpu:64MiB", "ec_both", lookup_address(tmp_path))
+    worker = worker_side(config)
+    name = identifier("image")
+    save(worker, {name: encoder_output(0)})
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("out of device memory")
+
+    monkeypatch.setattr(torch, "frombuffer", fail)
+    encoder_cache: dict[str, torch.Tensor] = {}
+    worker.start_load_caches(load_metadata(name), encoder_cache)
+    assert encoder_cache == {} and worker.finish_step().failed_loads == [name]
+    assert worker.metrics_snapshot()["connector"]["failed_loads"] == 1
+    worker.close()
+
+
+def test_saves_after_close_are_dropped_and_counted(tmp_path: Path) -> None:
+    worker = worker_side(make_config(tmp_path, "cpu:64MiB", "ec_both", lookup_address(tmp_path)))
+    worker.close()
+    name = identifier("image")
+    worker.save_caches({name: encoder_output(0)}, name)
+    assert worker.metrics_snapshot()["connector"]["failed_saves"] == 1
