@@ -19,6 +19,7 @@ from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.kv_cache_sizing import blocks_per_request, size_kv_cache
 from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStatsMessage
+from pagoda.ec_connector.factory import make_ec_scheduler_connector, with_private_ec_lookup_address
 from pagoda.kv_connector.factory import make_scheduler_connector, with_private_lookup_address
 from pagoda.worker.executor import Executor, UniProcExecutor
 
@@ -29,6 +30,9 @@ class EngineCore:
     def __init__(self, config: PagodaConfig, executor_class: type[Executor] = UniProcExecutor) -> None:
         started = time.monotonic()
         config, self._lookup_dir = with_private_lookup_address(config)
+        config, self._ec_lookup_dir = with_private_ec_lookup_address(config)
+        if config.ec_transfer_config is not None and config.model_config.mm_tokens_per_image is None:
+            raise ValueError(f"--ec-store keeps image encoder outputs; {config.model_config.model!r} takes no images")
         self.config = config
         self.executor = executor_class(config)
         self.executor.load_model()
@@ -46,7 +50,8 @@ class EngineCore:
             )
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_config,
                                    kv_connector=make_scheduler_connector(config, kv_cache_config),
-                                   enable_multimodal=mm_tokens_per_image is not None)
+                                   enable_multimodal=mm_tokens_per_image is not None,
+                                   ec_connector=make_ec_scheduler_connector(config))
         max_len = config.scheduler_config.max_model_len
         blocks_needed = blocks_per_request(kv_cache_config, max_len, config.scheduler_config.max_num_batched_tokens)
         if blocks_needed > kv_cache_config.num_blocks - 1:
@@ -130,6 +135,7 @@ class EngineCore:
     def shutdown(self) -> None:
         self.scheduler.shutdown()
         self.executor.shutdown()
-        if self._lookup_dir is not None:
-            shutil.rmtree(self._lookup_dir, ignore_errors=True)
+        for folder in (self._lookup_dir, self._ec_lookup_dir):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 

@@ -34,6 +34,7 @@ from pagoda.core.connector.kv_metadata import KVConnectorOutput
 from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from pagoda.core.model_runner_output import LogprobsLists, ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.ec_connector.factory import make_ec_worker_connector
 from pagoda.kv_connector.factory import make_worker_connector
 from pagoda.models.interfaces import AttentionLayerSpec
 from pagoda.models.loader import load_model
@@ -77,7 +78,8 @@ class ModelRunner:
                                 self.config.model_config.quantization)
         self.layer_specs: list[AttentionLayerSpec] = self.model.attention_layer_specs()
         if hasattr(self.model, "embed_multimodal"):
-            self.encoder_runner = EncoderRunner(self.model, self.device)
+            self.encoder_runner = EncoderRunner(self.model, self.device,
+                                                make_ec_worker_connector(self.config, self.device))
 
     def get_kv_cache_spec(self) -> list[KVCacheSpec]:
         block_size = self.config.cache_config.block_size

@@ -8,6 +8,7 @@ import os
 import torch
 
 from pagoda.config import PagodaConfig
+from pagoda.core.connector.base import WorkerConnector
 from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
@@ -73,12 +74,17 @@ class Worker:
         return None if runner is None else runner.metrics()
 
     def flush_kv_store(self) -> bool:
-        connector = self.model_runner.kv_connector
-        if connector is None:
-            return False
-        connector.flush()
-        return True
+        """Wait for every store's pending saves (KV store, encoder-output store); False when there is none."""
+        connectors = self._connectors()
+        for connector in connectors:
+            connector.flush()
+        return bool(connectors)
 
     def shutdown(self) -> None:
-        if self.model_runner.kv_connector is not None:
-            self.model_runner.kv_connector.close()
+        for connector in self._connectors():
+            connector.close()
+
+    def _connectors(self) -> list[WorkerConnector]:
+        runner = self.model_runner
+        ec_connector = runner.encoder_runner.ec_connector if runner.encoder_runner is not None else None
+        return [c for c in (runner.kv_connector, ec_connector) if c is not None]
