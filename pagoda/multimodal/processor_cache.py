@@ -135,6 +135,10 @@ class SenderCache:
     def stats(self) -> CacheStats:
         return self._sizes.stats
 
+    def keys(self) -> list[str]:
+        """The identifiers believed held by the engine, least recently used first."""
+        return self._sizes.keys()
+
     def must_send(self, mm_hash: str, num_bytes: int) -> bool:
         """True if the engine lacks these pixels, so they must travel; records that they will then be held."""
         if self._sizes.get(mm_hash) is not None:
@@ -166,6 +170,10 @@ class ReceiverCache:
     @property
     def stats(self) -> CacheStats:
         return self._pixels.stats
+
+    def keys(self) -> list[str]:
+        """The identifiers held, least recently used first (equal to the sender's while they agree)."""
+        return self._pixels.keys()
 
     def fill(self, features: Iterable[MultiModalFeature]) -> tuple[list[MultiModalFeature], list[str]]:
         """Features with their pixels filled in, and the identifiers this cache lacked (to be resent).
