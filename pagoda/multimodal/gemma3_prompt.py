@@ -75,9 +75,9 @@ def count_slots(prompt: str, tokens: Gemma3ImageTokens) -> int:
 
 def expand_prompt(prompt: str, crops_per_item: list[int], tokens: Gemma3ImageTokens) -> str:
     """`prompt` with its i-th slot replaced for the i-th item; one item per slot."""
-    for reserved in (tokens.image_token, tokens.eoi_token):
-        if reserved in prompt:
-            raise ValueError(f"the prompt text contains {reserved}, which only image expansion may place")
+    # A soft token typed into the text would take an encoder row that belongs to no image.
+    if tokens.image_token in prompt:
+        raise ValueError(f"the prompt text contains {tokens.image_token}, which only image expansion may place")
     pieces = prompt.split(tokens.boi_token)
     if len(pieces) - 1 != len(crops_per_item):
         raise ValueError(f"the prompt has {len(pieces) - 1} {tokens.boi_token} slots for {len(crops_per_item)} images")

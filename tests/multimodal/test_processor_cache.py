@@ -95,3 +95,21 @@ def test_mirrored_caches_agree_under_any_call_sequence(capacity: int, requests: 
         assert sender.keys() == receiver.keys()
         assert sender.stats.num_bytes == receiver.stats.num_bytes <= capacity
         assert sender.stats.evictions == receiver.stats.evictions
+
+
+@settings(max_examples=100, deadline=None)
+@given(capacity=st.integers(1, 120),
+       steps=st.lists(st.tuples(st.lists(st.sampled_from("abcde"), min_size=1, max_size=3), st.booleans()),
+                      max_size=25))
+def test_drift_is_always_recovered_by_resending(capacity: int, steps: list[tuple[list[str], bool]]) -> None:
+    sender, receiver = SenderCache(capacity), ReceiverCache(capacity)
+    for keys, engine_restarts in steps:
+        if engine_restarts:
+            receiver = ReceiverCache(capacity)  # the engine side lost everything; the sender does not know
+        features = [feature(key, 20) for key in keys]
+        filled, missing = receiver.fill(sender.strip(features))
+        if missing:
+            sender.forget(missing)
+            filled, missing = receiver.fill(sender.strip(features))
+        assert missing == []
+        assert [f.pixel_values for f in filled] == [f.pixel_values for f in features]
