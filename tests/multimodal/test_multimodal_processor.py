@@ -126,6 +126,20 @@ def test_chat_template_places_the_images(tiny: MultiModalProcessor, hf_tiny: Gem
                      add_special_tokens=False)
 
 
+def test_chat_template_renders_as_transformers_does(tiny_mm_folder: Path, tiny: MultiModalProcessor) -> None:
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Sys."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is this? "}]},
+                {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:..."}},
+                                             {"type": "text", "text": "And now?"}]}]
+    reference = AutoTokenizer.from_pretrained(tiny_mm_folder).apply_chat_template(messages, tokenize=False,
+                                                                                 add_generation_prompt=True)
+    assert tiny.tokenizer.apply_chat_template(messages) == reference
+    assert reference.count("<start_of_image>") == 2 and "<start_of_turn>model\nA cat.<end_of_turn>" in reference
+    with pytest.raises(ValueError, match="unsupported content part type: audio"):
+        tiny.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
+
+
 def test_full_size_896_with_pan_and_scan(full_mm_folder: Path) -> None:
     check_against_hf(make_processor(full_mm_folder), hf_processor(full_mm_folder),
                      "Compare <start_of_image> with\n<start_of_image>.", [image(1280, 480, 9), image(64, 64, 10)],
