@@ -11,6 +11,11 @@ a decompression bomb costs nothing; PIL's own DecompressionBombWarning never
 reaches the user. Corrupt or truncated data is a ValueError, found when the
 pixels are decoded.
 
+Images decoded here from a file, bytes or a data URI are turned upright by
+their EXIF Orientation tag (phone photos set it; viewers apply it, so the
+model sees what the user saw), as transformers' own `load_image` does. A
+caller's PIL image is taken as it is, as transformers' processor takes it.
+
 `LoadedImage.content` is what identifies the image for `mm_hash`: the file's
 bytes as sent, or, for a caller's PIL image, a framed encoding of its mode,
 size, transparency, palette and raw pixels.
@@ -27,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 # Default upper bound on width * height, well below PIL's own hard limit (2 * 89.5 M pixels).
@@ -39,6 +44,9 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
 _DATA_URI = re.compile(r"^data:(?P<media_type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<payload>.*)$", re.DOTALL)
 # Bytes read to name an unsupported format by PIL's header checks.
 _SNIFF_BYTES = 64
+_EXIF_ORIENTATION = 0x0112
+# Orientations that turn the image by 90 degrees, so the upright width and height swap.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +55,17 @@ class LoadedImage:
 
     image: Image.Image
     content: bytes
+    # The EXIF Orientation applied on decoding (1: as stored).
+    orientation: int = 1
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height), known from the header before decoding."""
-        return self.image.size
+        """The upright (width, height), known from the header before decoding."""
+        width, height = self.image.size
+        return (height, width) if self.orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
     def decode(self) -> Image.Image:
-        """The image with its pixels decoded; ValueError for corrupt or truncated data."""
+        """The upright image with its pixels decoded; ValueError for corrupt or truncated data."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -62,7 +73,7 @@ class LoadedImage:
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
             kind = self.image.format or "image"
             raise ValueError(f"corrupt or truncated {kind} data: {err}") from None
-        return self.image
+        return self.image if self.orientation == 1 else ImageOps.exif_transpose(self.image)
 
 
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> LoadedImage:
@@ -73,7 +84,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, dec
         loaded = LoadedImage(source, _pil_content(source, max_pixels))
     else:
         data = _read_source(source)
-        loaded = LoadedImage(_open_bytes(data, max_pixels), data)
+        image = _open_bytes(data, max_pixels)
+        loaded = LoadedImage(image, data, _orientation(image))
     if decode:
         loaded.decode()
     return loaded
@@ -128,6 +140,15 @@ def _open_bytes(data: bytes, max_pixels: int) -> Image.Image:
         raise ValueError(f"corrupt image header: {err}") from None
     _check_pixels(image.size, max_pixels)
     return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation the header states (1 when absent, unreadable or out of range)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, KeyError, TypeError):
+        return 1  # broken EXIF metadata does not make the pixels unusable
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def _unsupported_message(data: bytes) -> str:

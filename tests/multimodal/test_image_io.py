@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pagoda.multimodal.image_io import DEFAULT_MAX_PIXELS, SUPPORTED_FORMATS, load_image
 
@@ -148,3 +148,19 @@ def test_other_bad_sources() -> None:
         load_image(12)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_pixels"):
         load_image(sample_image(), max_pixels=0)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_turns_decoded_files_upright(orientation: int) -> None:
+    image = sample_image(24, 16)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    data = buffer.getvalue()
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    loaded = load_image(data, decode=False)
+    assert loaded.size == upright.size == ((16, 24) if orientation in (6, 8) else (24, 16))
+    assert np.array_equal(np.asarray(loaded.decode()), np.asarray(upright))
+    # A caller's PIL image is taken as it is, tag or not.
+    assert load_image(Image.open(io.BytesIO(data))).size == (24, 16)

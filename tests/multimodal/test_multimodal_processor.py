@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoTokenizer
 from transformers.models.gemma3 import Gemma3Processor
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -155,6 +155,22 @@ def test_sources_of_one_image_agree_on_tokens_and_pixels(tiny: MultiModalProcess
     assert results[0][1][0].pixel_values == results[1][1][0].pixel_values
     # Same file, two sources: one key; a PIL image's key is its framed pixels, not PNG bytes.
     assert results[1][1][0].identifier == results[2][1][0].identifier != results[0][1][0].identifier
+
+
+def test_rotated_photo_is_processed_upright(tiny: MultiModalProcessor, hf_tiny: Gemma3Processor) -> None:
+    photo = image(1280, 480, 13)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones tag portrait shots
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", exif=exif)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue())))
+    assert upright.size == (480, 1280)
+    token_ids, features = tiny.process("<start_of_image>", [buffer.getvalue()], {"do_pan_and_scan": True})
+    reference = hf_tiny(text=["<start_of_image>"], images=[[upright]], do_pan_and_scan=True, return_tensors="np")
+    assert token_ids == reference["input_ids"][0].tolist()
+    assert features[0].num_crops == reference["input_ids"][0].tolist().count(BOI) == 4  # 3 crops, stacked vertically
+    pixels = np.frombuffer(features[0].pixel_values.data, np.float32).reshape(features[0].pixel_values.shape)
+    assert np.abs(pixels - reference["pixel_values"]).max() == 0
 
 
 def test_processor_cache_skips_preprocessing_for_a_known_image(tiny_mm_folder: Path,
