@@ -102,8 +102,8 @@ class Gemma3ImageProcessorConfig:
             if raw.get(flag) is False:
                 raise ValueError(f"{path}: {flag}=false is not Gemma 3's preprocessing; Pagoda supports only true")
         return cls(image_size=_square_size(raw.get("size"), default_image_size, path),
-                   image_mean=tuple(_or(raw.get("image_mean"), _DEFAULT_MEAN)),
-                   image_std=tuple(_or(raw.get("image_std"), _DEFAULT_STD)),
+                   image_mean=_per_channel("image_mean", _or(raw.get("image_mean"), _DEFAULT_MEAN), path),
+                   image_std=_per_channel("image_std", _or(raw.get("image_std"), _DEFAULT_STD), path),
                    rescale_factor=float(_or(raw.get("rescale_factor"), _DEFAULT_RESCALE_FACTOR)),
                    resample=int(_or(raw.get("resample"), _DEFAULT_RESAMPLE)))
 
@@ -191,6 +191,15 @@ def _square_size(size: Any, default: int, path: Path) -> int:
     if isinstance(size, dict) and size.get("height") is not None and size.get("height") == size.get("width"):
         return int(size["height"])
     raise ValueError(f"{path}: size must be a square {{'height': N, 'width': N}}, got {size!r}")
+
+
+def _per_channel(name: str, value: Any, path: Path) -> tuple[float, float, float]:
+    """A mean or std: one number for all three channels, or three numbers."""
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    if (not isinstance(values, list | tuple) or len(values) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise ValueError(f"{path}: {name} must be a number or 3 numbers, got {value!r}")
+    return (float(values[0]), float(values[1]), float(values[2]))
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -135,6 +135,18 @@ def test_tensor_options_ignore_crop_settings_while_pan_and_scan_is_off() -> None
     assert on.tensor_options() != on.updated({"pan_and_scan_min_crop_size": 64}).tensor_options()
 
 
+def test_imagenet_style_mean_and_std_match() -> None:
+    # Means that are not exact in float32 (0.485 ...): the normalization must round as transformers' does.
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    image = make_image(300, 200, "RGB")
+    reference = Gemma3ImageProcessorPil(size={"height": 56, "width": 56}, image_mean=list(mean), image_std=list(std),
+                                        rescale_factor=1 / 255, resample=2)(image, return_tensors="np",
+                                                                            do_pan_and_scan=False, **PROCESSOR_DEFAULTS)
+    config = Gemma3ImageProcessorConfig(image_size=56, image_mean=mean, image_std=std)
+    ours = Gemma3ImageProcessor(config).preprocess(image, PanAndScanOptions())
+    assert np.abs(ours - reference["pixel_values"]).max() == 0
+
+
 def test_config_from_folder_fills_nulls_and_rejects_odd_settings(tmp_path: Path) -> None:
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"size": {"height": 56, "width": 56}, "image_mean": None, "image_std": None, "rescale_factor": None,
@@ -145,6 +157,12 @@ def test_config_from_folder_fills_nulls_and_rejects_odd_settings(tmp_path: Path)
     assert Gemma3ImageProcessorConfig.from_folder(tmp_path, default_image_size=112).image_size == 112
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 56, "width": 64}}))
     with pytest.raises(ValueError, match="size must be a square"):
+        Gemma3ImageProcessorConfig.from_folder(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.25, "image_std": [1, 2, 4]}))
+    config = Gemma3ImageProcessorConfig.from_folder(tmp_path)
+    assert config.image_mean == (0.25, 0.25, 0.25) and config.image_std == (1.0, 2.0, 4.0)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]}))
+    with pytest.raises(ValueError, match="image_mean must be a number or 3 numbers"):
         Gemma3ImageProcessorConfig.from_folder(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
     with pytest.raises(ValueError, match="do_normalize=false"):

@@ -23,3 +23,12 @@ def test_multimodal_never_imports_torch_or_transformers() -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) >= 6
+
+
+def test_processor_cache_is_pure_python() -> None:
+    # The engine side's receiver cache imports it: no numpy, PIL or torch behind it.
+    script = ("import sys; import pagoda.multimodal.processor_cache; "
+              "assert not {'numpy', 'PIL', 'torch'} & set(sys.modules), sorted({'numpy', 'PIL', 'torch'} & set(sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
