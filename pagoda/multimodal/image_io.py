@@ -53,6 +53,7 @@ _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 class LoadedImage:
     """A header-checked image and the bytes that identify its content."""
 
+    # As stored (opened, decoded once `decode` ran); `decode()` returns it upright.
     image: Image.Image
     content: bytes
     # The EXIF Orientation applied on decoding (1: as stored).
