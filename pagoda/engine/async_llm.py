@@ -26,12 +26,12 @@ from pagoda.config import PagodaConfig
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.core_client import AsyncMPClient
 from pagoda.engine.exceptions import EngineDeadError
-from pagoda.engine.input_processor import InputProcessor
-from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType
+from pagoda.engine.input_processor import make_input_processor
 from pagoda.engine.iteration_stats import IterationStats, StatLogger
 from pagoda.engine.llm_engine import prepare_request
 from pagoda.engine.messages import SchedulerStatsMessage
 from pagoda.engine.output_processor import OutputProcessor
+from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType
 from pagoda.engine.tokenizer import load_tokenizer_in_background
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -51,7 +51,7 @@ class AsyncLLM:
         tokenizer = load_tokenizer_in_background(config.model_config.path)
         self.engine_core = AsyncMPClient(config)
         self.tokenizer = tokenizer.result()
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer, config.scheduler_config)
+        self.input_processor = make_input_processor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)
         # The scheduler's gauges after the latest step.
         self.scheduler_stats: SchedulerStatsMessage | None = None

@@ -17,7 +17,7 @@ import time
 
 from typing import Any
 
-from pagoda.config import ModelConfig, SchedulerConfig
+from pagoda.config import ModelConfig, PagodaConfig, SchedulerConfig
 from pagoda.core.multimodal import MultiModalFeature
 from pagoda.engine.messages import EngineCoreRequest
 from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType, parse_prompt
@@ -26,6 +26,21 @@ from pagoda.sampling_params import SamplingParams
 
 # As in vLLM: asking for more candidates than this per position is refused.
 MAX_LOGPROBS = 20
+
+
+def make_input_processor(config: PagodaConfig, tokenizer: Tokenizer) -> InputProcessor:
+    """The input processor for the configured model, with the image processor when the model takes images."""
+    mm_processor = None
+    if config.model_config.mm_tokens_per_image is not None:
+        # Imported only here: PIL and the image code are no concern of text-only models' start-up.
+        from pagoda.multimodal.processor import MultiModalProcessor
+
+        mm = config.mm_config
+        limit = None if mm.limit_images_per_prompt is None else {"image": mm.limit_images_per_prompt}
+        mm_processor = MultiModalProcessor.from_folder(config.model_config.path, tokenizer,
+                                                       config.model_config.identity, mm.mm_processor_kwargs,
+                                                       limit, cache_bytes=mm.processor_cache_bytes)
+    return InputProcessor(config.model_config, tokenizer, config.scheduler_config, mm_processor)
 
 
 class InputProcessor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pagoda.config import PagodaConfig
 from pagoda.engine.core_client import EngineCoreClient, make_client
-from pagoda.engine.input_processor import InputProcessor
+from pagoda.engine.input_processor import InputProcessor, make_input_processor
 from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType
 from pagoda.engine.messages import EngineCoreRequest, SchedulerStatsMessage
 from pagoda.engine.output_processor import OutputProcessor, ParentRequest
@@ -74,7 +74,7 @@ class LLMEngine:
         tokenizer = load_tokenizer_in_background(config.model_config.path)
         self.engine_core: EngineCoreClient = make_client(config, engine_mode)
         self.tokenizer = tokenizer.result()
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer, config.scheduler_config)
+        self.input_processor = make_input_processor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)
         self.scheduler_stats: SchedulerStatsMessage | None = None
 
