@@ -14,7 +14,7 @@ import itertools
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import zmq
@@ -32,6 +32,9 @@ from pagoda.engine.messages import (
     UtilityOutput,
     UtilityRequest,
 )
+
+if TYPE_CHECKING:
+    from pagoda.multimodal.processor_cache import SenderCache
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,10 @@ class EngineCoreClient(ABC):
     @abstractmethod
     def get_stats(self) -> SchedulerStatsMessage:
         """The scheduler's gauges and counters right now."""
+
+    def reset_mm_cache(self) -> bool:
+        """Forget the engine side's preprocessed pixels (in its own process only; in-process there are none)."""
+        return True
 
     @abstractmethod
     def shutdown(self) -> None: ...
@@ -123,6 +130,41 @@ class MPClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self._call_ids = itertools.count()
+        # Image models: the front end's mirror of the engine's pixel cache, so a known image's pixels do not
+        # cross the socket again. Requests sent without some pixels stay here whole until the engine answers
+        # for them: if its cache drifted from the mirror, it asks, and they are resent with their pixels.
+        self._pixel_mirror: SenderCache | None = None
+        if config.model_config.mm_tokens_per_image is not None:
+            from pagoda.multimodal.processor_cache import SenderCache
+
+            self._pixel_mirror = SenderCache(config.mm_config.processor_cache_bytes)
+        self._unconfirmed: dict[str, EngineCoreRequest] = {}
+        self.num_mm_resends = 0
+
+    def _for_wire(self, request: EngineCoreRequest) -> EngineCoreRequest:
+        """The request as sent: without the pixels the engine's cache holds (by the mirror)."""
+        if self._pixel_mirror is None or not request.mm_features:
+            return request
+        self._unconfirmed[request.request_id] = request
+        return msgspec.structs.replace(request, mm_features=self._pixel_mirror.strip(request.mm_features))
+
+    def _take_resends(self, outputs: EngineCoreOutputs) -> list[EngineCoreRequest]:
+        """Requests the engine could not add for want of pixels, to send again (whole)."""
+        for output in outputs.outputs:
+            self._unconfirmed.pop(output.request_id, None)
+        resends = []
+        for request_id, missing in outputs.mm_cache_misses.items():
+            assert self._pixel_mirror is not None
+            self._pixel_mirror.forget(missing)
+            request = self._unconfirmed.pop(request_id, None)
+            if request is not None:  # None: aborted meanwhile
+                resends.append(request)
+                self.num_mm_resends += 1
+        return resends
+
+    def reset_pixel_mirror(self) -> None:
+        if self._pixel_mirror is not None:
+            self._pixel_mirror.clear()
 
     def _frames(self, request_type: EngineCoreRequestType, payload: Any) -> list[bytes]:
         return [self.engine.engine_identity, bytes((request_type,)), self._encoder.encode(payload)]
@@ -147,10 +189,12 @@ class SyncMPClient(MPClient, EngineCoreClient):
         self._pending: deque[EngineCoreOutputs] = deque()
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self._send(EngineCoreRequestType.ADD, request)
+        self._send(EngineCoreRequestType.ADD, self._for_wire(request))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
+            for request_id in request_ids:
+                self._unconfirmed.pop(request_id, None)
             self._send(EngineCoreRequestType.ABORT, request_ids)
 
     def get_output(self) -> EngineCoreOutputs:
@@ -158,11 +202,15 @@ class SyncMPClient(MPClient, EngineCoreClient):
             return self._pending.popleft()
         while True:
             outputs = self._recv()
-            if outputs.utility_output is None:
+            if outputs.utility_output is None and (outputs.outputs or not outputs.mm_cache_misses):
                 return outputs
 
     def reset_prefix_cache(self) -> bool:
         return self._call_utility("reset_prefix_cache", bool)
+
+    def reset_mm_cache(self) -> bool:
+        self.reset_pixel_mirror()
+        return self._call_utility("reset_mm_cache", bool)
 
     def flush_kv_store(self) -> bool:
         return self._call_utility("flush_kv_store", bool)
@@ -176,9 +224,12 @@ class SyncMPClient(MPClient, EngineCoreClient):
 
     def _recv(self) -> EngineCoreOutputs:
         events = dict(self._poller.poll())
-        if self.engine.output_socket in events:
-            return self._decoder.decode(self.engine.output_socket.recv())
-        raise EngineDeadError(self.engine.death_message())
+        if self.engine.output_socket not in events:
+            raise EngineDeadError(self.engine.death_message())
+        outputs = self._decoder.decode(self.engine.output_socket.recv())
+        for request in self._take_resends(outputs):
+            self._send(EngineCoreRequestType.ADD, self._for_wire(request))
+        return outputs
 
     def _call_utility(self, method: str, result_type: type[T]) -> T:
         call_id = next(self._call_ids)
@@ -219,9 +270,12 @@ class AsyncMPClient(MPClient):
         try:
             while True:
                 outputs = self._decoder.decode(await self.engine.output_socket.recv())
+                for request in self._take_resends(outputs):
+                    await self._send(EngineCoreRequestType.ADD, self._for_wire(request))
                 answer = outputs.utility_output
                 if answer is None:
-                    self._outputs.put_nowait(outputs)
+                    if outputs.outputs or not outputs.mm_cache_misses:
+                        self._outputs.put_nowait(outputs)
                     continue
                 future = self._utility_calls.pop(answer.call_id, None)
                 if future is not None and not future.done():
@@ -260,11 +314,17 @@ class AsyncMPClient(MPClient):
         return outputs
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
-        await self._send(EngineCoreRequestType.ADD, request)
+        await self._send(EngineCoreRequestType.ADD, self._for_wire(request))
 
     async def abort_requests_async(self, request_ids: list[str]) -> None:
         if request_ids:
+            for request_id in request_ids:
+                self._unconfirmed.pop(request_id, None)
             await self._send(EngineCoreRequestType.ABORT, request_ids)
+
+    async def reset_mm_cache_async(self) -> bool:
+        self.reset_pixel_mirror()
+        return await self._call_utility("reset_mm_cache", bool)
 
     async def reset_prefix_cache_async(self) -> bool:
         return await self._call_utility("reset_prefix_cache", bool)

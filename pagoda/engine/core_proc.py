@@ -70,7 +70,14 @@ class EngineCoreProc:
             "reset_prefix_cache": self.engine_core.reset_prefix_cache,
             "flush_kv_store": self.engine_core.flush_kv_store,
             "get_stats": self.engine_core.make_stats,
+            "reset_mm_cache": self._reset_mm_cache,
         }
+        # The engine's half of the front end's pixel mirror (`pagoda.multimodal.processor_cache`).
+        self._pixel_cache = None
+        if config.model_config.mm_tokens_per_image is not None:
+            from pagoda.multimodal.processor_cache import ReceiverCache
+
+            self._pixel_cache = ReceiverCache(config.mm_config.processor_cache_bytes)
         self._poller = zmq.Poller()
         self._poller.register(self.input_socket, zmq.POLLIN)
         # The pipe from the parent reads as closed once the parent is gone: then this process ends too.
@@ -113,6 +120,14 @@ class EngineCoreProc:
             self._send(EngineCoreOutputs(utility_output=self._run_utility(message)))
 
     def _add_request(self, request: EngineCoreRequest) -> None:
+        if request.mm_features and self._pixel_cache is not None:
+            features, missing = self._pixel_cache.fill(request.mm_features)
+            if missing:
+                logger.info("request %s: %d image(s) not in the pixel cache; asking the front end to resend",
+                            request.request_id, len(missing))
+                self._send(EngineCoreOutputs(mm_cache_misses={request.request_id: missing}))
+                return
+            request = msgspec.structs.replace(request, mm_features=features)
         try:
             self.engine_core.add_request(request)
         except Exception as e:
@@ -121,6 +136,11 @@ class EngineCoreProc:
                 request_id=request.request_id, new_token_ids=[], finish_reason=FinishReason.ERROR, error=str(e)
             )
             self._send(EngineCoreOutputs(outputs=[error]))
+
+    def _reset_mm_cache(self) -> bool:
+        if self._pixel_cache is not None:
+            self._pixel_cache.clear()
+        return True
 
     def _run_utility(self, call: UtilityRequest) -> UtilityOutput:
         method = self._utilities.get(call.method)

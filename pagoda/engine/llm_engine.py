@@ -121,5 +121,24 @@ class LLMEngine:
     def flush_kv_store(self) -> bool:
         return self.engine_core.flush_kv_store()
 
+    def reset_mm_cache(self) -> bool:
+        """Forget preprocessed images on both sides (the front end's processor cache, the engine's pixels)."""
+        if self.input_processor.mm_processor is not None:
+            self.input_processor.mm_processor.cache.clear()
+        return self.engine_core.reset_mm_cache()
+
+    def front_end_mm_metrics(self) -> dict[str, dict[str, float]]:
+        """Counters of the front end's image caches: the processor cache, and the pixel mirror's resends."""
+        processor = self.input_processor.mm_processor
+        if processor is None:
+            return {}
+        stats = processor.cache.stats
+        metrics = {"processor_cache": {"hits": float(stats.hits), "misses": float(stats.misses),
+                                       "evictions": float(stats.evictions), "bytes": float(stats.num_bytes)}}
+        resends = getattr(self.engine_core, "num_mm_resends", None)
+        if resends is not None:
+            metrics["pixel_mirror"] = {"resends": float(resends)}
+        return metrics
+
     def shutdown(self) -> None:
         self.engine_core.shutdown()

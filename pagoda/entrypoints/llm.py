@@ -143,6 +143,10 @@ class LLM:
         engine reads them); False when the engine has no store."""
         return self.llm_engine.flush_kv_store()
 
+    def reset_mm_cache(self) -> bool:
+        """Forget preprocessed images (the processor caches of the front end and the engine)."""
+        return self.llm_engine.reset_mm_cache()
+
     def shutdown(self) -> None:
         """Release the engine (and stop its process in "mp" mode)."""
         self.llm_engine.shutdown()
@@ -156,7 +160,7 @@ class LLM:
         for tier, counters in (stats.kv_store or {}).items():
             for name, value in counters.items():
                 metrics[f"kv_store.{tier}.{name}"] = value
-        for group, counters in (stats.multimodal or {}).items():
+        for group, counters in {**(stats.multimodal or {}), **self.llm_engine.front_end_mm_metrics()}.items():
             for name, value in counters.items():
                 metrics[f"mm.{group}.{name}"] = value
         return metrics

@@ -95,6 +95,11 @@ class LRUByteCache(Generic[V]):
         self._account(-entry[1], -1)
         return entry[0]
 
+    def clear(self) -> None:
+        """Forget every entry (not counted as evictions)."""
+        self._entries.clear()
+        self.stats.num_bytes = self.stats.num_entries = 0
+
     def _account(self, num_bytes: int, num_entries: int) -> None:
         self.stats.num_bytes += num_bytes
         self.stats.num_entries += num_entries
@@ -123,6 +128,9 @@ class ProcessorCache:
 
     def put(self, mm_hash: str, processed: ProcessedImage) -> None:
         self._cache.put(mm_hash, processed, processed.pixel_values.nbytes)
+
+    def clear(self) -> None:
+        self._cache.clear()
 
 
 class SenderCache:
@@ -156,6 +164,9 @@ class SenderCache:
         """Drop entries the engine reported missing, so their pixels are sent again."""
         for mm_hash in mm_hashes:
             self._sizes.pop(mm_hash)
+
+    def clear(self) -> None:
+        self._sizes.clear()
 
 
 class ReceiverCache:
@@ -195,3 +206,6 @@ class ReceiverCache:
             else:
                 filled.append(feature.with_pixels(pixels))
         return filled, missing
+
+    def clear(self) -> None:
+        self._pixels.clear()
