@@ -153,7 +153,7 @@ class MPClient:
         for output in outputs.outputs:
             self._unconfirmed.pop(output.request_id, None)
         resends = []
-        for request_id, missing in outputs.mm_cache_misses.items():
+        for request_id, missing in (outputs.mm_cache_misses or {}).items():
             assert self._pixel_mirror is not None
             self._pixel_mirror.forget(missing)
             request = self._unconfirmed.pop(request_id, None)

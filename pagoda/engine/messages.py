@@ -83,4 +83,4 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     utility_output: UtilityOutput | None = None
     # Image models with the engine in its own process: requests the engine could not add because its mirror of
     # the front end's pixel cache lacked these items (request id -> identifiers); the front end resends them.
-    mm_cache_misses: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    mm_cache_misses: dict[str, list[str]] | None = None
