@@ -25,8 +25,9 @@ from pagoda.models.interfaces import AttentionContext
 from pagoda.models.layers import GemmaRMSNorm
 from pagoda.models.siglip import SiglipVisionModel
 
-# Checkpoint prefix -> this model's prefix. Transformers >= 4.52 writes the first of each pair of layouts,
-# Google's original checkpoints (and transformers 5's save_pretrained) the second.
+# Checkpoint prefix -> this model's prefix, first match wins. Transformers >= 4.52 writes `model.*` and
+# `lm_head`, Google's original checkpoints `language_model.*` and `vision_tower.vision_model.*`;
+# transformers 5's save_pretrained writes the original names but `vision_tower.*` without `vision_model`.
 _CHECKPOINT_PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.language_model.", "model."),
     ("language_model.model.", "model."),
@@ -34,6 +35,8 @@ _CHECKPOINT_PREFIXES: tuple[tuple[str, str], ...] = (
     ("lm_head.", "lm_head."),
     ("model.vision_tower.vision_model.", "vision_tower."),
     ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("multi_modal_projector.", "multi_modal_projector."),
 )
