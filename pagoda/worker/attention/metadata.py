@@ -19,8 +19,9 @@ included, in sliding and global layers alike:
 
 A run may start before this step's tokens (a prefix-cache hit inside it) but
 never ends after them: its later keys must be in the cache when its queries
-are attended. The gathered blocks and each query tile's key range grow to
-cover the runs; a row without runs costs nothing extra.
+are attended. In a sliding group it is no longer than the window, so its
+keys lie in the blocks the window gathers anyway; only a query tile's key
+range grows, to a run's end. A row without runs costs nothing extra.
 """
 
 from __future__ import annotations
@@ -132,10 +133,7 @@ def _runs_in_step(runs: list[tuple[int, int]], computed: int, scheduled: int,
 
 def _build_prefill(row_blocks: np.ndarray, computed: int, scheduled: int, token_start: int, block_size: int,
                    sliding_window: int | None, runs: list[tuple[int, int]], device: torch.device) -> PrefillMetadata:
-    lowest_key = 0 if sliding_window is None else max(computed - sliding_window + 1, 0)
-    if runs:
-        lowest_key = min(lowest_key, min(start for start, _ in runs))
-    first = lowest_key // block_size
+    first = 0 if sliding_window is None else max(computed - sliding_window + 1, 0) // block_size
     last = (computed + scheduled - 1) // block_size
     key_pos = np.arange(first * block_size, (last + 1) * block_size)
     query_pos = np.arange(computed, computed + scheduled)
@@ -148,12 +146,11 @@ def _build_prefill(row_blocks: np.ndarray, computed: int, scheduled: int, token_
         end = min(begin + PREFILL_QUERY_TILE, scheduled)
         # Causal: no query of the tile sees past its last; the window: none sees before its first one's window.
         keys_begin = 0 if sliding_window is None else max(computed + begin - sliding_window + 1 - key_start, 0)
-        keys_end = computed + end - key_start
-        for run_start, run_end in runs:
-            if run_start < computed + end and run_end > computed + begin:  # some query of the tile is in it
-                keys_begin = min(keys_begin, run_start - key_start)
-                keys_end = max(keys_end, run_end - key_start)
-        tiles.append(QueryTile(begin, end, keys_begin, keys_end))
+        # A run is no longer than the window, so its first key is in every one of its queries' windows:
+        # only its later keys reach past the causal end.
+        keys_end = max([computed + end, *(run_end for run_start, run_end in runs
+                                          if run_start < computed + end and run_end > computed + begin)])
+        tiles.append(QueryTile(begin, end, keys_begin, keys_end - key_start))
     return PrefillMetadata(
         token_start=token_start,
         token_end=token_start + scheduled,
