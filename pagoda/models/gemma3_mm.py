@@ -44,15 +44,6 @@ _CHECKPOINT_PREFIXES: tuple[tuple[str, str], ...] = (
 _UNUSED_PREFIX = "vision_tower.head."
 
 
-def map_checkpoint_name(name: str) -> str | None:
-    """This model's parameter name for a checkpoint tensor of either layout; None for the unused head."""
-    for source, target in _CHECKPOINT_PREFIXES:
-        if name.startswith(source):
-            mapped = target + name[len(source):]
-            return None if mapped.startswith(_UNUSED_PREFIX) else mapped
-    return name
-
-
 class Gemma3MultiModalProjector(nn.Module):
     """[N, patches, vision_hidden] -> [N, mm_tokens_per_image, text_hidden]."""
 
@@ -86,7 +77,6 @@ class Gemma3ForConditionalGeneration(CausalLM):
         specs = gemma3_attention_specs(text, layer_types)
         super().__init__(text, Gemma3TextModel(text, specs, layer_types), specs, tie_by_default=True,
                          final_logit_softcap=text.get("final_logit_softcapping"))
-        self.info = info
         self.vision_tower = SiglipVisionModel(vision)
         self.multi_modal_projector = Gemma3MultiModalProjector(vision, text["hidden_size"], info)
 
@@ -99,7 +89,12 @@ class Gemma3ForConditionalGeneration(CausalLM):
 
     @staticmethod
     def map_checkpoint_name(name: str) -> str | None:
-        return map_checkpoint_name(name)
+        """This model's parameter name for a checkpoint tensor of any layout; None for the unused head."""
+        for source, target in _CHECKPOINT_PREFIXES:
+            if name.startswith(source):
+                mapped = target + name[len(source):]
+                return None if mapped.startswith(_UNUSED_PREFIX) else mapped
+        return name
 
     def embed_multimodal(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [N_crops, 3, S, S] (any float dtype) -> [N_crops, mm_tokens_per_image, text_hidden]

@@ -22,7 +22,8 @@ class AttentionLayerSpec:
 
     `scale` multiplies the query-key dot products; the model does not pre-scale
     the query. With `sliding_window` set, query token i sees key token j of its
-    own sequence iff 0 <= i - j < sliding_window; with None, iff 0 <= i - j.
+    own sequence iff 0 <= i - j < sliding_window; with None, iff 0 <= i - j
+    (or when i and j lie in one bidirectional run, see `AttentionContext`).
     With `logit_softcap` set, scores become softcap * tanh(scores / softcap)
     after scaling and before masking.
     """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,11 @@ def test_benchmark_config_has_the_real_vision_tower() -> None:
 def test_a_text_only_config_is_refused() -> None:
     with pytest.raises(ValueError, match="needs a config with model_type 'gemma3' and a vision_config"):
         Gemma3ForConditionalGeneration({"model_type": "gemma3_text", "vocab_size": 10})
+
+
+def test_mm_info_needs_no_torch() -> None:
+    # The front end reads it, and the front end never imports torch.
+    code = ("import json, sys; from pagoda.models import mm_info; "
+            f"info = mm_info(json.loads({json.dumps(json.dumps(GEMMA3_4B_CONFIG))})); "
+            "assert info.image_size == 896 and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -189,3 +189,18 @@ def test_mm_embeds_need_as_many_indices(model) -> None:
 def test_pixel_values_of_the_wrong_size_are_refused(model) -> None:
     with pytest.raises(ValueError, match=r"pixel_values must be \[N, 3, 56, 56\], got \[1, 3, 28, 28\]"):
         model.embed_multimodal(torch.zeros(1, 3, 28, 28))
+
+
+@torch.no_grad()
+def test_dense_reference_with_runs_matches_transformers(model, reference) -> None:
+    # The models layer's test context (tests/models/dense_attention.py) takes the same runs.
+    from models.dense_attention import DenseAttention
+
+    token_ids, pixels = _case("one_image_three_crops")
+    attention = DenseAttention(model.attention_layer_specs())
+    attention.begin_step([0], [len(token_ids)], [soft_token_runs(token_ids)])
+    ids = torch.tensor(token_ids)
+    indices = torch.nonzero(ids == IMAGE_TOKEN_ID).flatten()
+    hidden = model(ids, torch.arange(len(token_ids)), attention, _embeds(model, pixels), indices)
+    expected = _reference_logits(reference, token_ids, pixels)
+    torch.testing.assert_close(model.compute_logits(hidden), expected, rtol=0, atol=ATOL)
