@@ -149,3 +149,25 @@ def test_mm_info_needs_no_torch() -> None:
             f"info = mm_info(json.loads({json.dumps(json.dumps(GEMMA3_4B_CONFIG))})); "
             "assert info.image_size == 896 and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_engine_runs_the_vision_model_on_text(gemma_path: Path, tmp_path: Path) -> None:
+    # The whole engine on a vision folder with the 270M tokenizer plus the soft token; a text-only prompt
+    # takes the decoder path, which must equal transformers' greedy tokens.
+    from transformers import Gemma3ForConditionalGeneration as Reference
+
+    from pagoda import LLM, SamplingParams
+    from pagoda.engine.tokenizer import Tokenizer
+
+    folder = build_tiny_gemma3(tmp_path / "with_tokenizer", tokenizer_source=gemma_path)
+    tokenizer = Tokenizer.from_folder(folder)
+    assert tokenizer.encode("<start_of_image><image_soft_token>", add_special_tokens=False) == [255999, 262144]
+    prompt = tokenizer.encode("The capital of France is")
+    llm = LLM(str(folder), dtype="float32", kv_cache_memory=16 << 20, max_model_len=128)
+    output = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0),
+                          use_tqdm=False)[0]
+    reference = Reference.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    assert output.outputs[0].token_ids == expected
