@@ -56,9 +56,10 @@ def build_group_metadata(
     if decode_rows.size:
         decode = _build_decode(block_table, num_blocks, num_computed, decode_rows, query_start,
                                block_size, sliding_window, device)
-    if bidirectional_runs is not None and len(bidirectional_runs) != len(num_scheduled):
-        raise ValueError(f"bidirectional_runs has {len(bidirectional_runs)} rows, the batch {len(num_scheduled)}")
     if bidirectional_runs is not None:
+        if len(bidirectional_runs) != len(num_scheduled):
+            raise ValueError(f"bidirectional_runs has {len(bidirectional_runs)} rows, the batch "
+                             f"{len(num_scheduled)}")
         # A one-token row's query is the last of any run it is in, so it sees the run causally: only check.
         for row in decode_rows:
             _runs_in_step(bidirectional_runs[row], int(num_computed[row]), 1, sliding_window)
@@ -148,8 +149,10 @@ def _build_prefill(row_blocks: np.ndarray, computed: int, scheduled: int, token_
         keys_begin = 0 if sliding_window is None else max(computed + begin - sliding_window + 1 - key_start, 0)
         # A run is no longer than the window, so its first key is in every one of its queries' windows:
         # only its later keys reach past the causal end.
-        keys_end = max([computed + end, *(run_end for run_start, run_end in runs
-                                          if run_start < computed + end and run_end > computed + begin)])
+        keys_end = computed + end
+        for run_start, run_end in runs:
+            if run_start < computed + end and run_end > computed + begin:  # some query of the tile is in it
+                keys_end = max(keys_end, run_end)
         tiles.append(QueryTile(begin, end, keys_begin, keys_end - key_start))
     return PrefillMetadata(
         token_start=token_start,
