@@ -71,11 +71,9 @@ class PatchEmbedding(nn.Module):
         self.packed = pack_for_cpu(self.weight.reshape(self.weight.shape[0], -1))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """[N, C, S, S] -> [N, (S / patch)^2, hidden], patches in row-major order."""
+        """[N, C, S, S] (S a multiple of the patch size) -> [N, (S / patch)^2, hidden], patches row-major."""
         num_crops, channels, height, width = pixel_values.shape
         patch = self.patch_size
-        if height % patch or width % patch:
-            raise ValueError(f"image of {height}x{width} pixels is not a whole number of {patch}-pixel patches")
         rows, cols = height // patch, width // patch
         patches = pixel_values.reshape(num_crops, channels, rows, patch, cols, patch)
         # [N, rows, cols, C, patch, patch]: each patch flattened in the conv weight's (C, kh, kw) order.
