@@ -92,6 +92,9 @@ def mm_info(config: dict) -> MultiModalInfo | None:
     merged = {**GEMMA3_MM_DEFAULTS, **config}
     vision = vision_config(config)
     tokens = int(merged["mm_tokens_per_image"])
+    if vision["image_size"] % vision["patch_size"]:
+        raise ValueError(f"vision_config: image_size ({vision['image_size']}) must be a multiple of patch_size "
+                         f"({vision['patch_size']})")
     patches_per_side = vision["image_size"] // vision["patch_size"]
     tokens_per_side = round(tokens**0.5)
     if tokens_per_side**2 != tokens or patches_per_side % tokens_per_side:

@@ -171,3 +171,14 @@ def test_engine_runs_the_vision_model_on_text(gemma_path: Path, tmp_path: Path) 
     expected = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                   max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
     assert output.outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize(("vision", "tokens", "message"), [
+    ({"image_size": 60, "patch_size": 14}, 4, r"image_size \(60\) must be a multiple of patch_size \(14\)"),
+    ({"image_size": 56, "patch_size": 14}, 3, r"mm_tokens_per_image \(3\) must be a square"),
+    ({"image_size": 70, "patch_size": 14}, 4, r"side divides the 5 patches per side"),
+])
+def test_inconsistent_image_settings_are_named(vision: dict, tokens: int, message: str) -> None:
+    config = {"model_type": "gemma3", "text_config": {}, "vision_config": vision, "mm_tokens_per_image": tokens}
+    with pytest.raises(ValueError, match=message):
+        mm_info(config)
