@@ -204,3 +204,15 @@ def test_dense_reference_with_runs_matches_transformers(model, reference) -> Non
     hidden = model(ids, torch.arange(len(token_ids)), attention, _embeds(model, pixels), indices)
     expected = _reference_logits(reference, token_ids, pixels)
     torch.testing.assert_close(model.compute_logits(hidden), expected, rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_int8_leaves_the_tower_alone(folder: Path) -> None:
+    # The tower always multiplies many rows, where int8 never applies: it keeps no int8 copies.
+    plain = load_model(folder, torch.bfloat16, torch.device("cpu"))
+    quantized = load_model(folder, torch.bfloat16, torch.device("cpu"), quantization="int8")
+    tower_linears = [m for m in quantized.vision_tower.modules() if hasattr(m, "int8")]
+    assert tower_linears and all(m.int8 is None for m in tower_linears)
+    assert quantized.model.layers[0].mlp.down_proj.int8 is not None
+    pixels = torch.randn(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(14))
+    assert torch.equal(quantized.embed_multimodal(pixels), plain.embed_multimodal(pixels))
