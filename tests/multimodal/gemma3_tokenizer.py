@@ -23,7 +23,8 @@ BOI_TOKEN = "<start_of_image>"
 EOI_TOKEN = "<end_of_image>"
 
 # Gemma 3's turn format: `<start_of_turn>{role}\n...<end_of_turn>\n`, the assistant's role spelled "model";
-# a system message is folded into the first user turn; image parts become `<start_of_image>`.
+# a system message is folded into the first user turn; image parts ("image" or OpenAI's "image_url")
+# become `<start_of_image>`.
 CHAT_TEMPLATE = """{{- bos_token -}}
 {%- set ns = namespace(system='') -%}
 {%- for message in messages -%}
@@ -44,7 +45,7 @@ CHAT_TEMPLATE = """{{- bos_token -}}
       {{- message['content'] | trim -}}
     {%- else -%}
       {%- for part in message['content'] -%}
-        {%- if part['type'] == 'image' -%}
+        {%- if part['type'] in ('image', 'image_url') -%}
           {{- '<start_of_image>' -}}
         {%- elif part['type'] == 'text' -%}
           {{- part['text'] | trim -}}
