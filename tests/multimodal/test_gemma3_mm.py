@@ -3,9 +3,10 @@
 Pagoda's model runs through the worker's real paged attention
 (`paged_harness`), with each crop's soft tokens as a bidirectional run;
 transformers gets `token_type_ids`, without which it runs causally too. The
-tolerance is 2e-5 absolute on the logits (the two float32 implementations
-agree to ~1e-6 here; attending causally inside the crops moves the logits by
-~1e-1, see `test_causal_only_attention_misses_the_tolerance`).
+tolerance is 1e-5 absolute on the logits: the two float32 implementations
+agree to under 1e-6 on these prompts, while attending causally inside the
+crops moves every logit row from the first soft token on by 0.03 to 0.8
+(`test_causal_only_attention_misses_the_tolerance`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tiny_gemma3 import IMAGE_TOKEN_ID, build_tiny_gemma3, image_prompt, soft_to
 from pagoda.models import load_model
 from pagoda.models.layers import pack_for_cpu
 
-ATOL = 2e-5
+ATOL = 1e-5
 TOKENS_PER_CROP = 4
 CROP = 56
 
