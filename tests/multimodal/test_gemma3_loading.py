@@ -15,7 +15,7 @@ from tiny_gemma3 import build_tiny_gemma3, vision_benchmark_config
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.models import load_model
 from pagoda.models.gemma3_mm import Gemma3ForConditionalGeneration
-from pagoda.models.hf_config import mm_info
+from pagoda.models.hf_config import mm_info, text_config
 
 # Google's gemma-3-4b-it config.json: everything equal to transformers' defaults is left out.
 GEMMA3_4B_CONFIG = {
@@ -126,6 +126,8 @@ def test_google_config_gets_transformers_defaults() -> None:
     assert model.model.rotary_emb["full_attention"].rope_parameters == {
         "rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}
     assert model.multi_modal_projector.pool_size == 4  # 64 patches per side pooled to 16
+    # The model's own end-of-turn id comes from the top level, not transformers' default of 1 alone.
+    assert text_config(GEMMA3_4B_CONFIG)["eos_token_id"] == [1, 106]
 
 
 def test_benchmark_config_has_the_real_vision_tower() -> None:
