@@ -3,7 +3,8 @@
 Names follow vLLM's flags (`max_model_len`, `block_size`, ...). The model is
 resolved (and a GGUF converted) here, and the facts only the model folder
 knows — max length, vocabulary, end-of-sequence ids — are read from its
-config.json, and its content identity (what KV store keys name) is computed once.
+config.json (its `text_config` when a multimodal config nests the decoder),
+and its content identity (what KV store keys name) is computed once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pagoda.config import (
     SchedulerConfig,
 )
 from pagoda.kv_store_spec import parse_kv_store_spec
+from pagoda.models.hf_config import text_config
 from pagoda.models.identity import model_identity
 from pagoda.models.resolve import resolve_model
 
@@ -85,11 +87,12 @@ class EngineArgs:
     def create_config(self) -> PagodaConfig:
         path = resolve_model(self.model)
         hf_config = json.loads((Path(path) / "config.json").read_text())
-        model_max = int(hf_config.get("max_position_embeddings", 2048))
+        decoder_config = text_config(hf_config)
+        model_max = int(decoder_config.get("max_position_embeddings", 2048))
         max_model_len = model_max if self.max_model_len is None else self.max_model_len
         if max_model_len > model_max:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's maximum of {model_max}")
-        eos = hf_config.get("eos_token_id")
+        eos = decoder_config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         model_config = ModelConfig(
             model=self.model,
@@ -97,7 +100,7 @@ class EngineArgs:
             architecture=(hf_config.get("architectures") or ["unknown"])[0],
             dtype=_AUTO_DTYPE if self.dtype == "auto" else self.dtype,
             max_model_len=max_model_len,
-            vocab_size=int(hf_config["vocab_size"]),
+            vocab_size=int(decoder_config["vocab_size"]),
             eos_token_ids=eos_ids,
             identity=model_identity(Path(path), self.quantization),
             seed=self.seed,

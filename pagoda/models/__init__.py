@@ -1,7 +1,8 @@
-"""Models layer: model code (Llama, Gemma 3), weight loading, and GGUF conversion into Hugging Face folders.
+"""Models layer: model code (Llama, Gemma 3 with and without vision), weight loading, and GGUF conversion.
 
 Public entry points: `resolve_model` (alias / folder / .gguf -> folder),
-`load_hf_config`, `load_model` (folder -> model on a device), and the
+`load_hf_config`, `load_model` (folder -> model on a device), `mm_info`
+(an image model's token ids and sizes, from its config), and the
 `AttentionContext` / `AttentionLayerSpec` contract the worker implements.
 They load on first use, so resolving a converted model (as the HTTP front
 end does) never imports torch.
@@ -19,6 +20,8 @@ _EXPORTS = {
     "AttentionLayerSpec": "pagoda.models.interfaces",
     "load_hf_config": "pagoda.models.loader",
     "load_model": "pagoda.models.loader",
+    "MultiModalInfo": "pagoda.models.hf_config",
+    "mm_info": "pagoda.models.hf_config",
 }
 
 __all__ = list(_EXPORTS)

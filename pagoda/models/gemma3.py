@@ -91,12 +91,34 @@ class Gemma3TextModel(nn.Module):
         scale = torch.tensor(self.hidden_size**0.5, dtype=dtype, device=device)
         self.register_buffer("embed_scale", scale, persistent=False)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
-        hidden = self.embed_tokens(input_ids) * self.embed_scale
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings scaled by sqrt(hidden_size), [T, hidden_size]."""
+        return self.embed_tokens(input_ids) * self.embed_scale
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """`inputs_embeds` [T, hidden_size], when given, replaces `embed(input_ids)` (image rows merged in)."""
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = {kind: rope(positions) for kind, rope in self.rotary_emb.items()}
         for layer, kind in zip(self.layers, self.layer_types):
             hidden = layer(hidden, *cos_sin[kind], attention)
         return self.norm(hidden)
+
+
+def gemma3_attention_specs(config: dict, layer_types: list[str]) -> list[AttentionLayerSpec]:
+    num_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
+    return [
+        AttentionLayerSpec(
+            num_heads=num_heads,
+            num_kv_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            scale=config.get("query_pre_attn_scalar", head_dim) ** -0.5,
+            sliding_window=config["sliding_window"] if kind == SLIDING else None,
+            logit_softcap=config.get("attn_logit_softcapping"),
+        )
+        for kind in layer_types
+    ]
 
 
 class Gemma3ForCausalLM(CausalLM):
@@ -106,18 +128,6 @@ class Gemma3ForCausalLM(CausalLM):
         if config.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention is not supported for Gemma3ForCausalLM")
         layer_types = gemma3_layer_types(config)
-        num_heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
-        specs = [
-            AttentionLayerSpec(
-                num_heads=num_heads,
-                num_kv_heads=config.get("num_key_value_heads") or num_heads,
-                head_dim=head_dim,
-                scale=config.get("query_pre_attn_scalar", head_dim) ** -0.5,
-                sliding_window=config["sliding_window"] if kind == SLIDING else None,
-                logit_softcap=config.get("attn_logit_softcapping"),
-            )
-            for kind in layer_types
-        ]
+        specs = gemma3_attention_specs(config, layer_types)
         super().__init__(config, Gemma3TextModel(config, specs, layer_types), specs, tie_by_default=True,
                          final_logit_softcap=config.get("final_logit_softcapping"))

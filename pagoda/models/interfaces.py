@@ -22,7 +22,8 @@ class AttentionLayerSpec:
 
     `scale` multiplies the query-key dot products; the model does not pre-scale
     the query. With `sliding_window` set, query token i sees key token j of its
-    own sequence iff 0 <= i - j < sliding_window; with None, iff 0 <= i - j.
+    own sequence iff 0 <= i - j < sliding_window; with None, iff 0 <= i - j
+    (or when i and j lie in one bidirectional run, see `AttentionContext`).
     With `logit_softcap` set, scores become softcap * tanh(scores / softcap)
     after scaling and before masking.
     """
@@ -51,7 +52,14 @@ class AttentionContext(Protocol):
     rotated. The context stores the new keys and values, attends each query to
     the visible keys of its own sequence (earlier steps included) following the
     layer's `AttentionLayerSpec`, and returns [T, num_heads, head_dim] in the
-    query's dtype. The inputs may be non-contiguous views of the fused QKV
+    query's dtype.
+
+    A sequence may have bidirectional runs, absolute positions [s, e) such as
+    one image crop's soft tokens: a query at s <= i < e also sees every key
+    s <= j < e of its sequence, later ones included, whatever the layer's
+    window: visible(i, j) = (causal and window) or (i and j in one run). A
+    run is never split across steps such that its later keys come in a later
+    step than its queries (it may start in an earlier one). The inputs may be non-contiguous views of the fused QKV
     projection; copy them if storage needs contiguity.
     """
 

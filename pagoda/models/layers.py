@@ -8,8 +8,9 @@ Modules holding values derived from the config or from loaded weights (the
 rotary cos/sin table, Gemma's float32 1 + w) define `init_buffers(device,
 dtype)`. The loader builds models on the meta device and calls it once the
 weights are in place.
-Every projection is a `Linear`, which can take an int8 copy of its weight
-for small batches (`pagoda.models.quantization`).
+Every projection is a `Linear` (bias-free in the decoders, biased in the
+SigLIP vision tower), which can take an int8 copy of its weight for small
+batches (`pagoda.models.quantization`).
 """
 
 from __future__ import annotations
@@ -155,13 +156,16 @@ def pack_for_cpu(weight: Tensor) -> Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
-def project(x: Tensor, weight: Tensor | None, int8: Int8Weight | None, packed: Tensor | None) -> Tensor:
-    """x @ weight.T by the fastest form of the weight there is: int8 for few rows, then packed, then plain."""
+def project(x: Tensor, weight: Tensor | None, int8: Int8Weight | None, packed: Tensor | None,
+            bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias) by the fastest form of the weight there is: int8 for few rows, then packed,
+    then plain."""
     if int8 is not None and int8.applies_to(x):
-        return int8.matmul(x)
+        out = int8.matmul(x)
+        return out if bias is None else out + bias
     if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    return F.linear(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class CheckpointLinear(nn.Linear):
@@ -183,15 +187,15 @@ class CheckpointEmbedding(nn.Embedding):
 
 
 class Linear(CheckpointLinear):
-    """A bias-free projection that can also hold faster forms of its weight.
+    """A projection (bias-free unless asked) that can also hold faster forms of its weight.
 
     Once the weights are loaded, `quantize_int8()` adds an int8 copy for calls
     with few rows and `pack_weight()` replaces the weight by its CPU-packed
     form (`weight` is None afterwards: no second copy stays in memory).
     """
 
-    def __init__(self, input_size: int, output_size: int) -> None:
-        super().__init__(input_size, output_size, bias=False)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, output_size, bias=bias)
         self.int8: Int8Weight | None = None
         self.packed: Tensor | None = None
 
@@ -204,14 +208,14 @@ class Linear(CheckpointLinear):
             self.weight = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return project(x, self.weight, self.int8, self.packed)
+        return project(x, self.weight, self.int8, self.packed, self.bias)
 
 
 class MergedLinear(Linear):
-    """Several bias-free projections of one input stored as one weight, shard i in rows `shard_rows(i)`."""
+    """Several projections of one input stored as one weight (and bias), shard i in rows `shard_rows(i)`."""
 
-    def __init__(self, input_size: int, output_sizes: tuple[int, ...]) -> None:
-        super().__init__(input_size, sum(output_sizes))
+    def __init__(self, input_size: int, output_sizes: tuple[int, ...], bias: bool = False) -> None:
+        super().__init__(input_size, sum(output_sizes), bias)
         self.output_sizes = output_sizes
 
     def shard_rows(self, index: int) -> slice:

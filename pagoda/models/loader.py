@@ -7,6 +7,9 @@ weights: no copy at all when the file already holds the dtype) or copied into it
 rows of a fused weight (`packed_modules_mapping`). Derived buffers (rotary
 tables) are built last on the target device. Every parameter must be filled
 by exactly the checkpoint's tensors: a missing or unexpected name is an error.
+A model whose checkpoints come in several naming layouts (Gemma 3 vision)
+defines `map_checkpoint_name(name) -> str | None`: the parameter name a
+checkpoint name stands for, or None for a tensor the model does not use.
 With `quantization="int8"`, the loaded weights then get their int8 copies;
 last, projections that can take a faster CPU layout are packed
 (`pack_weight()`, see `pagoda.models.layers.pack_for_cpu`).
@@ -15,7 +18,7 @@ last, projections that can take a faster CPU layout are packed
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -70,16 +73,18 @@ def load_weights(model: nn.Module, files: Iterable[Path], dtype: torch.dtype, de
     """Fill every parameter of a meta-device `model` from `files`."""
     packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules_mapping", {})
     ignored: frozenset[str] = getattr(model, "ignored_weights", frozenset())
+    map_name: Callable[[str], str | None] = getattr(model, "map_checkpoint_name", lambda name: name)
     expected = _expected_pieces(model)
     loaded: set[tuple[str, int | None]] = set()
     for file in files:
-        for name, stored in iter_tensors(file):
-            if name in ignored or name.endswith(_DERIVED_SUFFIXES):
+        for checkpoint_name, stored in iter_tensors(file):
+            name = map_name(checkpoint_name)
+            if name is None or name in ignored or name.endswith(_DERIVED_SUFFIXES):
                 continue
             piece = _target(name, packed)
             if piece not in expected:
-                raise ValueError(f"{file.name}: unexpected weight {name!r} for {type(model).__name__}")
-            _place(model, *piece, stored.to(device=device, dtype=dtype), name)
+                raise ValueError(f"{file.name}: unexpected weight {checkpoint_name!r} for {type(model).__name__}")
+            _place(model, *piece, stored.to(device=device, dtype=dtype), checkpoint_name)
             loaded.add(piece)
     missing = sorted(f"{target}[{shard}]" if shard is not None else target for target, shard in expected - loaded)
     if missing:
@@ -93,7 +98,7 @@ def _expected_pieces(model: nn.Module) -> set[tuple[str, int | None]]:
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, MergedLinear) and param_name == "weight":
+            if isinstance(module, MergedLinear) and param_name in ("weight", "bias"):
                 pieces.update((full_name, shard) for shard in range(len(module.output_sizes)))
             else:
                 pieces.add((full_name, None))

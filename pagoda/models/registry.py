@@ -10,6 +10,7 @@ from torch import nn
 # that naming one model does not import every other.
 _MODELS: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("pagoda.models.gemma3", "Gemma3ForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("pagoda.models.gemma3_mm", "Gemma3ForConditionalGeneration"),
     "LlamaForCausalLM": ("pagoda.models.llama", "LlamaForCausalLM"),
 }
 

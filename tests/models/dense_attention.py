@@ -3,7 +3,8 @@
 Written for clarity, not speed: each step's flat batch is split per
 sequence, new keys/values are appended to that sequence's per-layer lists,
 and each query attends over an explicit mask (token i sees j iff
-0 <= i - j, and i - j < window for sliding layers).
+0 <= i - j, and i - j < window for sliding layers; or i and j in one of the
+sequence's bidirectional runs).
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ class DenseAttention:
         self.keys: dict[int, list[Tensor | None]] = {}
         self.values: dict[int, list[Tensor | None]] = {}
         self.step: list[tuple[int, int]] = []
+        self.runs: dict[int, list[tuple[int, int]]] = {}
 
-    def begin_step(self, seq_ids: list[int], num_tokens: list[int]) -> None:
-        """The flat batch of the next forward: `num_tokens[i]` new tokens of sequence `seq_ids[i]`, in order."""
+    def begin_step(self, seq_ids: list[int], num_tokens: list[int],
+                   bidirectional_runs: list[list[tuple[int, int]]] | None = None) -> None:
+        """The flat batch of the next forward: `num_tokens[i]` new tokens of sequence `seq_ids[i]`, in order.
+
+        `bidirectional_runs[i]`: absolute position ranges [start, end) of sequence i whose tokens all see
+        each other (see `AttentionContext`).
+        """
         self.step = list(zip(seq_ids, num_tokens))
+        for index, seq_id in enumerate(seq_ids):
+            self.runs[seq_id] = list(bidirectional_runs[index]) if bidirectional_runs is not None else []
         for seq_id in seq_ids:
             self.keys.setdefault(seq_id, [None] * len(self.specs))
             self.values.setdefault(seq_id, [None] * len(self.specs))
@@ -58,6 +67,10 @@ class DenseAttention:
         visible = distance >= 0
         if spec.sliding_window is not None:
             visible &= distance < spec.sliding_window
+        k_pos = torch.arange(keys.shape[0], device=query.device)
+        for start, end in self.runs[seq_id]:
+            assert end <= keys.shape[0], f"run [{start}, {end}) extends past the keys computed so far"
+            visible |= ((q_pos >= start) & (q_pos < end))[:, None] & ((k_pos >= start) & (k_pos < end))[None, :]
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
         return (probs @ v).transpose(0, 1)

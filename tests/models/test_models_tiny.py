@@ -142,7 +142,7 @@ def test_unsupported_rope_type_is_named() -> None:
 
 
 def test_unknown_architecture_lists_supported() -> None:
-    with pytest.raises(ValueError, match="Gemma3ForCausalLM, LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM"):
         get_model_class("GPT2LMHeadModel")
 
 
