@@ -76,8 +76,8 @@ def test_engine_speaks_plain_msgpack(smollm_path: Path, tmp_path: Path) -> None:
         call = msgspec.msgpack.encode(msgspec.to_builtins(UtilityRequest(call_id=9, method="reset_prefix_cache")))
         input_socket.send_multipart([identity, bytes((EngineCoreRequestType.UTILITY,)), call])
         assert output_socket.poll(60_000)
-        outputs, stats, utility_output = msgspec.msgpack.decode(output_socket.recv())
-        assert outputs == [] and stats is None and utility_output == [9, True, None]
+        outputs, stats, utility_output, mm_cache_misses = msgspec.msgpack.decode(output_socket.recv())
+        assert outputs == [] and stats is None and utility_output == [9, True, None] and mm_cache_misses is None
     finally:
         process.terminate()
         process.join(10)
