@@ -26,7 +26,7 @@ from pagoda.config import (
     SchedulerConfig,
 )
 from pagoda.kv_store_spec import parse_kv_store_spec
-from pagoda.models.hf_config import text_config
+from pagoda.models.hf_config import mm_info, text_config
 from pagoda.models.identity import model_identity
 from pagoda.models.resolve import resolve_model
 
@@ -94,6 +94,7 @@ class EngineArgs:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's maximum of {model_max}")
         eos = decoder_config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        image_info = mm_info(hf_config)
         model_config = ModelConfig(
             model=self.model,
             path=str(path),
@@ -105,6 +106,7 @@ class EngineArgs:
             identity=model_identity(Path(path), self.quantization),
             seed=self.seed,
             quantization=self.quantization,
+            mm_tokens_per_image=None if image_info is None else image_info.mm_tokens_per_image,
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
