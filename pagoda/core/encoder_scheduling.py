@@ -11,8 +11,9 @@ overlapping that window needs its encoder output on the worker. In order:
   cache, costs nothing more (a hit: the request now references the entry);
 - an item the encoder-cache connector's store holds costs cache space but no
   encoder compute: it is loaded on the worker;
-- otherwise the item costs cache space and encoder budget; when either is
-  short, the window ends where the item starts.
+- otherwise the item costs cache space and encoder budget (the first item a
+  step encodes always fits the budget: items are never split); when either
+  is short, the window ends where the item starts.
 
 Nothing is taken from the cache manager until the scheduler commits the
 request (its KV blocks were allocated too). A request preempted later in
@@ -88,7 +89,10 @@ def limit_to_encoder_inputs(
             continue
         num_embeds = feature.num_embeds
         external = ec_connector is not None and ec_connector.has_cache_item(identifier)
-        fits_compute = external or num_embeds <= step.compute_budget - _pending_compute(taken)
+        # An item is never split, so the first one a step encodes may exceed the budget on its own.
+        pending_compute = _pending_compute(taken)
+        fits_compute = (external or num_embeds <= step.compute_budget - pending_compute
+                        or (not step.to_encode and pending_compute == 0))
         if not fits_compute or not manager.can_allocate(pending_embeds + num_embeds):
             window_end = position.offset
             break

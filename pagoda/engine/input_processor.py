@@ -3,8 +3,8 @@
 A prompt with images goes through the model's multimodal processor
 (`pagoda.multimodal`): images loaded and checked, preprocessed (or taken
 from the processor cache), placeholders expanded into the token ids, one
-`MultiModalFeature` per image; each item must fit the encoder cache and the
-encoder's per-step budget, or it could never be scheduled.
+`MultiModalFeature` per image; each item must fit the encoder cache, or it
+could never be scheduled.
 
 Everything a request could get wrong is checked here, before anything is
 scheduled, so a bad request fails alone with a `ValueError` naming the field
@@ -74,14 +74,10 @@ class InputProcessor:
 
     def _validate_features(self, features: list[MultiModalFeature]) -> None:
         cache_rows = self._scheduler_config.encoder_cache_rows
-        budget = self._scheduler_config.encoder_compute_budget
         for index, feature in enumerate(features):
             if feature.num_embeds > cache_rows:
                 raise ValueError(f"image {index} needs {feature.num_embeds} encoder output rows, more than the "
                                  f"encoder cache holds (encoder_cache_size={cache_rows})")
-            if feature.num_embeds > budget:
-                raise ValueError(f"image {index} needs {feature.num_embeds} encoder output rows, more than the "
-                                 f"encoder may produce in one step (max_num_encoder_input_tokens={budget})")
 
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):

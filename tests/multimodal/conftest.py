@@ -46,3 +46,18 @@ def full_mm_folder(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def mm_tokenizer(tiny_mm_folder: Path) -> Tokenizer:
     return Tokenizer.from_folder(tiny_mm_folder)
+
+
+@pytest.fixture(scope="session")
+def vision_folder(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny Gemma 3 vision model (transformers-written) with the Gemma 3 tokenizer."""
+    from tiny_gemma3 import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3-vision"), tokenizer_source=gemma_path)
+
+
+@pytest.fixture(scope="session")
+def vision_reference(vision_folder: Path):
+    from vision_engine_helpers import Reference
+
+    return Reference(vision_folder)
