@@ -27,11 +27,11 @@ def _free_port() -> int:
 class RemoteServer:
     """`pagoda serve` in a subprocess; its output goes to `log_path`."""
 
-    def __init__(self, log_path: Path, *extra_args: str) -> None:
+    def __init__(self, log_path: Path, *extra_args: str, model: str = MODEL) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", MODEL, "--port", str(self.port),
+        command = [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", model, "--port", str(self.port),
                    *SERVER_ARGS, *extra_args]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -76,8 +76,8 @@ class RemoteServer:
                 child.kill()
 
 
-def start_server(tmp_path_factory: pytest.TempPathFactory, *extra_args: str) -> RemoteServer:
-    server = RemoteServer(tmp_path_factory.mktemp("openai-server") / "server.log", *extra_args)
+def start_server(tmp_path_factory: pytest.TempPathFactory, *extra_args: str, model: str = MODEL) -> RemoteServer:
+    server = RemoteServer(tmp_path_factory.mktemp("openai-server") / "server.log", *extra_args, model=model)
     try:
         server.wait_ready()
     except BaseException:

@@ -72,3 +72,12 @@ def test_stream_with_n_sends_each_choice(client):
     finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and
                 c.choices[0].finish_reason}
     assert finished == {0: "length", 1: "length"}
+
+
+def test_an_image_part_to_a_text_model_is_a_400_naming_messages(client):
+    import openai
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, messages=[{"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]}])
+    assert "takes no images" in str(info.value) and info.value.body["param"] == "messages"

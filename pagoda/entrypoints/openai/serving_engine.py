@@ -129,8 +129,6 @@ class OpenAIServing:
         if not images:
             return ProcessedPrompt(self.prompt_token_ids(self.encode(text, "messages", add_special_tokens=False),
                                                          "messages"))
-        if self.engine.input_processor.mm_processor is None:
-            raise bad_request("messages: this model takes no images", "messages")
         self.check_text_length(text, "messages")
         try:
             processed = await self.engine.process_prompt({"prompt": text, "multi_modal_data": {"image": images}},
@@ -143,8 +141,11 @@ class OpenAIServing:
     def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[Any]]:
         try:
             conversation, images = split_chat_images([m.to_template_message() for m in messages])
+            if images and self.engine.input_processor.mm_processor is None:
+                # Before rendering: a text model's template may not even take a list of parts.
+                raise ValueError("this model takes no images")
             return render_chat(self.tokenizer, conversation, add_generation_prompt), images
-        except (ValueError, jinja2.TemplateError) as error:
+        except (ValueError, TypeError, jinja2.TemplateError) as error:  # TypeError: a template tripping on parts
             raise bad_request(f"messages: {error}", "messages") from error
 
     def max_tokens(self, requested: int | None, num_prompt_tokens: int) -> int:
