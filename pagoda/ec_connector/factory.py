@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,7 @@ from pagoda.core.connector.ec import ECConnectorSchedulerSide, ECConnectorWorker
 from pagoda.ec_connector.keys import EncoderOutputKeys
 from pagoda.ec_connector.scheduler_side import ECConnectorScheduler
 from pagoda.kvstore.build import build_storage_manager
-from pagoda.kvstore.lookup import LookupClient, LookupServer
+from pagoda.kvstore.lookup import LookupClient, LookupServer, private_lookup_address
 
 if TYPE_CHECKING:
     import torch
@@ -34,8 +33,8 @@ def with_private_ec_lookup_address(config: PagodaConfig) -> tuple[PagodaConfig, 
     transfer = config.ec_transfer_config
     if transfer is None or transfer.lookup_address is not None:
         return config, None
-    folder = tempfile.mkdtemp(prefix="pagoda-ec-")
-    transfer = dataclasses.replace(transfer, lookup_address=f"ipc://{folder}/lookup")
+    address, folder = private_lookup_address("pagoda-ec-")
+    transfer = dataclasses.replace(transfer, lookup_address=address)
     return dataclasses.replace(config, ec_transfer_config=transfer), folder
 
 

@@ -10,7 +10,6 @@ sides derive the same `StoreLayout` from the config, so their keys agree.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from typing import TYPE_CHECKING
 
 from pagoda.config import KVTransferConfig, PagodaConfig
@@ -20,7 +19,7 @@ from pagoda.core.kv_cache_interface import KVCacheConfig
 from pagoda.kv_connector.layout import StoreLayout
 from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
 from pagoda.kvstore.build import build_storage_manager
-from pagoda.kvstore.lookup import LookupClient, LookupServer
+from pagoda.kvstore.lookup import LookupClient, LookupServer, private_lookup_address
 
 if TYPE_CHECKING:
     import torch
@@ -34,8 +33,8 @@ def with_private_lookup_address(config: PagodaConfig) -> tuple[PagodaConfig, str
     transfer = config.kv_transfer_config
     if transfer is None or transfer.lookup_address is not None:
         return config, None
-    folder = tempfile.mkdtemp(prefix="pagoda-kv-")
-    transfer = dataclasses.replace(transfer, lookup_address=f"ipc://{folder}/lookup")
+    address, folder = private_lookup_address("pagoda-kv-")
+    transfer = dataclasses.replace(transfer, lookup_address=address)
     return dataclasses.replace(config, kv_transfer_config=transfer), folder
 
 

@@ -15,6 +15,7 @@ because a REQ socket that sent without receiving accepts nothing else.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,13 @@ logger = logging.getLogger(__name__)
 # How often the server thread checks for close(): the longest close() waits.
 _POLL_INTERVAL_MS = 100
 
+
+
+def private_lookup_address(prefix: str) -> tuple[str, str]:
+    """A fresh ipc:// address for a lookup pair in a private temporary folder, and that folder (the caller
+    removes it at shutdown)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    return f"ipc://{folder}/lookup", folder
 
 class LookupRequest(msgspec.Struct, frozen=True, array_like=True):
     template: CacheEngineKey  # its chunk_hash is unused
