@@ -63,10 +63,13 @@ def preprocessor_config(image_size: int, image_seq_length: int) -> dict:
     }
 
 
-def build_tiny_gemma3(folder: Path, config=None, tokenizer_source: Path | None = None, seed: int = 0) -> Path:
-    """A seeded random `Gemma3ForConditionalGeneration` saved (float32 safetensors) into `folder`.
+def build_tiny_gemma3(folder: Path, config=None, tokenizer_source: Path | None = None, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """A seeded random `Gemma3ForConditionalGeneration` saved (safetensors in `dtype`) into `folder`.
 
-    With `tokenizer_source` (the converted Gemma 3 270M folder), the tokenizer goes in too.
+    The weights are drawn in float32 whatever `dtype`, so a bfloat16 folder
+    holds the float32 one's values rounded. With `tokenizer_source` (the
+    converted Gemma 3 270M folder), the tokenizer goes in too.
     """
     from transformers import Gemma3ForConditionalGeneration
 
@@ -83,10 +86,13 @@ def build_tiny_gemma3(folder: Path, config=None, tokenizer_source: Path | None =
         # Image rows about as large as text rows (0.02 * sqrt(64)), so both move the logits.
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.05)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     vision = config.vision_config
     (folder / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(vision.image_size, config.mm_tokens_per_image), indent=2))
+    # As in the real checkpoints: transformers' Gemma3Processor (which vLLM uses) reads its soft-token count here.
+    (folder / "processor_config.json").write_text(
+        json.dumps({"image_seq_length": config.mm_tokens_per_image, "processor_class": "Gemma3Processor"}, indent=2))
     if tokenizer_source is not None:
         write_gemma3_tokenizer(tokenizer_source, folder)
     return folder
