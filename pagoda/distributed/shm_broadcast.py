@@ -16,11 +16,13 @@ kept) but travels over a ZMQ PUB socket on a local ipc:// path; the reader
 takes it from its SUB socket when it reaches that chunk.
 
 Waiting: a reader first spins for `spin_s` (yielding the CPU on every turn),
-then raises its "waiting" byte and blocks on a second ZMQ socket that the
-writer pings after a write, only when some reader is waiting. Blocked
-readers wake at least every `_RECHECK_S` to notice a closed queue or a dead
-writer. A writer whose next chunk is still unread sleeps with backoff and
-names the late readers if it times out.
+then raises its "waiting" byte and blocks in poll() on its own named pipe
+(FIFO), into which the writer puts one byte after a write, only for readers
+that are waiting. A pipe rather than a ZMQ socket: one write() and one
+wake-up, no I/O threads in between (about half the CPU per wake-up, see
+benchmarks/parallel.py). Blocked readers wake at least every `_RECHECK_S`
+to notice a closed queue or a dead writer. A writer whose next chunk is
+still unread sleeps with backoff and names the late readers if it times out.
 
 Messages are msgpack through msgspec, never pickle (bytes from another
 process are decoded, not executed); readers decode into `msg_type`.
@@ -29,7 +31,7 @@ Memory ordering. Writer: payload, then the reader flags, then `_fence()`,
 then the written byte. Reader: the flags, then `_fence()`, then the
 payload, then `_fence()`, then its read byte. x86 keeps stores in order and
 loads in order, so there the fences only matter for the two "waiting"
-handshakes (store my flag, then load the other side's: the one order x86
+handshake (store my flag, then load the other side's: the one order x86
 may break), and there a lock's atomic instruction is a full barrier. On
 weakly ordered CPUs the same fences are the best plain Python offers; a
 wake-up lost to reordering would cost at most `_RECHECK_S`, never a message.
@@ -38,6 +40,7 @@ wake-up lost to reordering would cost at most `_RECHECK_S`, never a message.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import struct
 import sys
@@ -68,6 +71,8 @@ _HEADER = struct.Struct("<I")
 _OVERFLOW = 0xFFFFFFFF
 _PID = struct.Struct("<i")
 _READY = b"ready"
+# Bytes drained from a wake-up FIFO at once; any number of wake-ups is one wake-up.
+_WAKE_DRAIN_BYTES = 4096
 _ENCODER = msgspec.msgpack.Encoder()
 
 _fence_lock = threading.Lock()
@@ -89,8 +94,7 @@ class MessageQueueHandle(msgspec.Struct, frozen=True):
     num_readers: int
     chunk_bytes: int
     num_chunks: int
-    notify_address: str
-    data_address: str
+    ipc_dir: str  # holds the overflow socket ("data") and one wake-up FIFO per reader ("wake-<rank>")
     writer_pid: int
 
 
@@ -175,38 +179,39 @@ class MessageQueue:
         self._buf = self._shm.buf
         self._buf[layout.flags:layout.size] = bytes(layout.size - layout.flags)
         self._ipc_dir = tempfile.mkdtemp(prefix="pagoda-mq-")
+        for rank in range(num_readers):
+            os.mkfifo(_wake_path(self._ipc_dir, rank))
+        self._wake_fds: list[int] = []  # opened once every reader has opened its end (wait_for_readers)
         self._context: zmq.Context = zmq.Context()
         # XPUB rather than PUB: the writer sees each reader's subscription, which is how it knows who attached.
-        self._notify = self._xpub(f"ipc://{self._ipc_dir}/notify", hwm=1)
-        self._data = self._xpub(f"ipc://{self._ipc_dir}/data", hwm=0)  # never drop a payload
-        self._finalizer = weakref.finalize(self, _release_writer, self._shm, self._context, self._ipc_dir)
+        self._data = self._context.socket(zmq.XPUB)
+        self._data.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._data.setsockopt(zmq.SNDHWM, 0)  # never drop a payload; the ring bounds how many are queued
+        self._data.bind(_data_address(self._ipc_dir))
+        self._finalizer = weakref.finalize(self, _release_writer, self._shm, self._context, self._wake_fds,
+                                           self._ipc_dir)
         self.handle = MessageQueueHandle(
             shm_name=self._shm.name, num_readers=num_readers, chunk_bytes=chunk_bytes, num_chunks=num_chunks,
-            notify_address=f"ipc://{self._ipc_dir}/notify", data_address=f"ipc://{self._ipc_dir}/data",
-            writer_pid=os.getpid())
+            ipc_dir=self._ipc_dir, writer_pid=os.getpid())
         self._index = 0
-        self._subscribed = {self._notify: 0, self._data: 0}
+        self._num_subscribed = 0
         self._ready = False
         self._cancelled = False
         self._zero_flags = bytes(num_readers)
         self._all_read = b"\x01" * num_readers
 
-    def _xpub(self, address: str, hwm: int) -> zmq.Socket:
-        socket = self._context.socket(zmq.XPUB)
-        socket.setsockopt(zmq.XPUB_VERBOSE, 1)
-        socket.setsockopt(zmq.SNDHWM, hwm)
-        socket.bind(address)
-        return socket
-
     def wait_for_readers(self, timeout: float | None = None) -> None:
         """Blocks until all readers have attached (the first `enqueue` calls it); idempotent."""
         deadline = _deadline(timeout)
-        poller = zmq.Poller()
-        for socket in self._subscribed:
-            poller.register(socket, zmq.POLLIN)
         wanted = self._layout.num_readers
         while not self._ready:
-            if min(self._subscribed.values()) >= wanted:
+            if self._num_subscribed >= wanted:
+                # A reader opens its FIFO before it subscribes, so these opens find a reading end.
+                for rank in range(len(self._wake_fds), wanted):
+                    try:
+                        self._wake_fds.append(os.open(_wake_path(self._ipc_dir, rank), os.O_WRONLY | os.O_NONBLOCK))
+                    except OSError as exc:  # ENXIO: nobody holds the reading end
+                        raise MessageQueueClosed(f"reader {rank} left before all readers attached") from exc
                 # Sent only now, when every reader is subscribed, so no reader can miss it or what follows.
                 self._data.send(_READY)
                 self._ready = True
@@ -214,12 +219,11 @@ class MessageQueue:
             self._check_usable()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                attached = min(self._subscribed.values())
-                raise MessageQueueTimeout(f"only {attached} of {wanted} readers attached within {timeout} s")
-            for socket, _ in poller.poll(min(remaining, _RECHECK_S) * 1000):
-                # XPUB_VERBOSE delivers every (un)subscription: b"\x01" + topic, or b"\x00" + topic.
-                if socket.recv()[:1] == b"\x01":
-                    self._subscribed[socket] += 1
+                raise MessageQueueTimeout(f"only {self._num_subscribed} of {wanted} readers attached "
+                                          f"within {timeout} s")
+            # XPUB_VERBOSE delivers every (un)subscription: b"\x01" + topic, or b"\x00" + topic.
+            if self._data.poll(min(remaining, _RECHECK_S) * 1000) and self._data.recv()[:1] == b"\x01":
+                self._num_subscribed += 1
 
     def enqueue(self, obj: Any, timeout: float | None = None) -> None:
         """Broadcasts `obj` (anything msgspec's msgpack encodes); raises on timeout, cancel or a dead reader."""
@@ -246,7 +250,9 @@ class MessageQueue:
             self._data.send(payload, copy=False)
         _fence()  # the written byte is visible before we look at who is waiting
         if buf[layout.waiting:layout.waiting + layout.num_readers] != self._zero_flags:
-            self._notify.send(b"", zmq.NOBLOCK)
+            for rank in range(layout.num_readers):
+                if buf[layout.waiting + rank]:
+                    _wake(self._wake_fds[rank])
         self._index = (self._index + 1) % layout.num_chunks
 
     def _wait_for_free_chunk(self, flags: int, deadline: float, timeout: float | None) -> None:
@@ -288,8 +294,8 @@ class MessageQueue:
             return
         self._buf[self._layout.closed] = 1
         _fence()
-        if self._ready:
-            self._notify.send(b"", zmq.NOBLOCK)
+        for fd in self._wake_fds:
+            _wake(fd)
         self._buf = None
         self._finalizer()
 
@@ -300,7 +306,25 @@ class MessageQueue:
         self.close()
 
 
-def _release_writer(shm: shared_memory.SharedMemory, context: zmq.Context, ipc_dir: str) -> None:
+def _data_address(ipc_dir: str) -> str:
+    return f"ipc://{ipc_dir}/data"
+
+
+def _wake_path(ipc_dir: str, rank: int) -> str:
+    return os.path.join(ipc_dir, f"wake-{rank}")
+
+
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"\x00")
+    except (BlockingIOError, BrokenPipeError):
+        pass  # a full pipe wakes its reader anyway; a broken one has no reader left
+
+
+def _release_writer(shm: shared_memory.SharedMemory, context: zmq.Context, wake_fds: list[int],
+                    ipc_dir: str) -> None:
+    for fd in wake_fds:
+        os.close(fd)
     context.destroy(linger=_CLOSE_LINGER_MS)
     shm.close()
     shm.unlink()
@@ -328,32 +352,25 @@ class MessageQueueReader:
             self._shm.close()
             raise ValueError(f"reader_rank {reader_rank} is already attached by pid {pid}")
         _PID.pack_into(self._buf, pid_offset, os.getpid())
-        self._context: zmq.Context = zmq.Context()
-        self._notify = self._sub(handle.notify_address, conflate=True)
-        self._data = self._sub(handle.data_address, conflate=False)
-        # cancel() reaches a blocked dequeue() through this pair, from whatever thread calls it.
-        self._cancel_rx = self._context.socket(zmq.PAIR)
-        self._cancel_rx.bind(f"inproc://cancel-{id(self)}")
-        self._cancel_tx = self._context.socket(zmq.PAIR)
-        self._cancel_tx.connect(f"inproc://cancel-{id(self)}")
-        self._cancel_lock = threading.Lock()
+        wake_path = _wake_path(handle.ipc_dir, reader_rank)
+        self._wake_rx = os.open(wake_path, os.O_RDONLY | os.O_NONBLOCK)
+        # Our own writing end: cancel() wakes us through it, and with it open poll() never reports a hang-up.
+        self._wake_tx = os.open(wake_path, os.O_WRONLY | os.O_NONBLOCK)
+        self._wake_poll = select.poll()
+        self._wake_poll.register(self._wake_rx, select.POLLIN)
         self._cancelled = False
-        self._poller = zmq.Poller()
-        self._poller.register(self._notify, zmq.POLLIN)
-        self._poller.register(self._cancel_rx, zmq.POLLIN)
-        self._finalizer = weakref.finalize(self, _release_reader, self._shm, self._context)
+        self._context: zmq.Context = zmq.Context()
+        self._data = self._context.socket(zmq.SUB)
+        self._data.setsockopt(zmq.RCVHWM, 0)
+        self._data.setsockopt(zmq.SUBSCRIBE, b"")
+        self._data.connect(_data_address(handle.ipc_dir))
+        self._data_poller = zmq.Poller()
+        self._data_poller.register(self._data, zmq.POLLIN)
+        self._data_poller.register(self._wake_rx, zmq.POLLIN)
+        self._finalizer = weakref.finalize(self, _release_reader, self._shm, self._context,
+                                           (self._wake_rx, self._wake_tx))
         self._index = 0
         self._ready = False
-
-    def _sub(self, address: str, conflate: bool) -> zmq.Socket:
-        socket = self._context.socket(zmq.SUB)
-        if conflate:  # a wake-up is a wake-up: keep only the last one
-            socket.setsockopt(zmq.CONFLATE, 1)
-        else:
-            socket.setsockopt(zmq.RCVHWM, 0)
-        socket.setsockopt(zmq.SUBSCRIBE, b"")
-        socket.connect(address)
-        return socket
 
     def dequeue(self, timeout: float | None = None) -> Any:
         """The next message; raises `MessageQueueTimeout` (nothing consumed) or `MessageQueueClosed`."""
@@ -400,16 +417,16 @@ class MessageQueueReader:
         self._buf[waiting] = 1
         _fence()  # the writer sees us waiting before we look at the flags one last time
         try:
-            events: dict[Any, int] = {}
+            woken = True
             while not self._readable(flags):
-                # A dead writer is looked for only when nothing woke us: that look reads /proc.
-                self._check_usable(closed=True, writer=not events)
+                # A dead writer is looked for only after a wait that nothing cut short: that look reads /proc.
+                self._check_usable(closed=True, writer=not woken)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise MessageQueueTimeout(f"reader {self._rank}: no message within {timeout} s")
-                events = dict(self._poller.poll(min(remaining, _RECHECK_S) * 1000))
-                if self._notify in events:
-                    self._notify.recv()
+                woken = bool(self._wake_poll.poll(min(remaining, _RECHECK_S) * 1000))
+                if woken:
+                    self._drain_wake_ups()
         finally:
             self._buf[waiting] = 0
 
@@ -423,7 +440,15 @@ class MessageQueueReader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MessageQueueTimeout(f"reader {self._rank}: no {what} within {timeout} s")
-            zmq.select([self._data, self._cancel_rx], [], [], min(remaining, _RECHECK_S))
+            if self._wake_rx in dict(self._data_poller.poll(min(remaining, _RECHECK_S) * 1000)):
+                self._drain_wake_ups()
+
+    def _drain_wake_ups(self) -> None:
+        try:
+            while os.read(self._wake_rx, _WAKE_DRAIN_BYTES):
+                pass
+        except BlockingIOError:
+            pass
 
     def _check_usable(self, closed: bool, writer: bool) -> None:
         if self._cancelled:
@@ -436,8 +461,7 @@ class MessageQueueReader:
     def cancel(self) -> None:
         """Makes a blocked or later `dequeue` raise `MessageQueueClosed`; safe from any thread."""
         self._cancelled = True
-        with self._cancel_lock:
-            self._cancel_tx.send(b"", zmq.NOBLOCK)
+        _wake(self._wake_tx)
 
     def close(self) -> None:
         """Detaches from the segment (never unlinks it: the writer owns it)."""
@@ -452,6 +476,8 @@ class MessageQueueReader:
         self.close()
 
 
-def _release_reader(shm: shared_memory.SharedMemory, context: zmq.Context) -> None:
+def _release_reader(shm: shared_memory.SharedMemory, context: zmq.Context, wake_fds: tuple[int, int]) -> None:
+    for fd in wake_fds:
+        os.close(fd)
     context.destroy(linger=0)
     shm.close()
