@@ -12,29 +12,31 @@ reader sets. A chunk is free again once every reader has read it.
     chunk:    [length: u32 little-endian][msgpack payload]  (length OVERFLOW: payload on the data socket)
 
 A payload larger than a chunk still takes its place in the ring (so order is
-kept) but travels over a ZMQ PUB socket on a local ipc:// path; the reader
-takes it from its SUB socket when it reaches that chunk.
+kept) but travels over a ZMQ (X)PUB socket on a local ipc:// path; the
+reader takes it from its SUB socket when it reaches that chunk.
 
 Waiting: a reader first spins for `spin_s` (yielding the CPU on every turn),
 then raises its "waiting" byte and blocks in poll() on its own named pipe
 (FIFO), into which the writer puts one byte after a write, only for readers
 that are waiting. A pipe rather than a ZMQ socket: one write() and one
-wake-up, no I/O threads in between (about half the CPU per wake-up, see
-benchmarks/parallel.py). Blocked readers wake at least every `_RECHECK_S`
+wake-up, with no ZMQ I/O threads in between. Blocked readers wake at least every `_RECHECK_S`
 to notice a closed queue or a dead writer. A writer whose next chunk is
 still unread sleeps with backoff and names the late readers if it times out.
 
 Messages are msgpack through msgspec, never pickle (bytes from another
 process are decoded, not executed); readers decode into `msg_type`.
 
-Memory ordering. Writer: payload, then the reader flags, then `_fence()`,
-then the written byte. Reader: the flags, then `_fence()`, then the
-payload, then `_fence()`, then its read byte. x86 keeps stores in order and
-loads in order, so there the fences only matter for the two "waiting"
-handshake (store my flag, then load the other side's: the one order x86
-may break), and there a lock's atomic instruction is a full barrier. On
-weakly ordered CPUs the same fences are the best plain Python offers; a
-wake-up lost to reordering would cost at most `_RECHECK_S`, never a message.
+Memory ordering relied on. Writer: the payload (or overflow marker), then
+the reader flags, then `_fence()`, then the written byte. Reader: the
+flags, then `_fence()`, then the payload, then `_fence()`, then its read
+byte. Each side's stores are plain memoryview writes, the flag byte written
+after the payload. x86 keeps stores in order, loads in order, and a load
+before a later store, so there the ring is correct without the fences;
+they matter for the wake-up handshake (each side stores its own flag, then
+loads the other's: the one reordering x86 allows), and a lock's atomic
+instruction is a full barrier on x86. On weakly ordered CPUs the same
+fences are the best plain Python offers; a wake-up lost to reordering
+would cost at most `_RECHECK_S` of latency, never a message.
 """
 
 from __future__ import annotations
@@ -191,8 +193,9 @@ class MessageQueue:
         self._data.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._data.setsockopt(zmq.SNDHWM, 0)  # never drop a payload; the ring bounds how many are queued
         self._data.bind(_data_address(self._ipc_dir))
-        self._finalizer = weakref.finalize(self, _release_writer, self._shm, self._context, self._wake_fds,
-                                           self._ipc_dir)
+        # Also run if the writer is dropped unclosed: the readers learn it is gone either way.
+        self._finalizer = weakref.finalize(self, _release_writer, self._shm, layout.closed, self._context,
+                                           self._wake_fds, self._ipc_dir)
         self.handle = MessageQueueHandle(
             shm_name=self._shm.name, num_readers=num_readers, chunk_bytes=chunk_bytes, num_chunks=num_chunks,
             ipc_dir=self._ipc_dir, writer_pid=os.getpid())
@@ -231,6 +234,7 @@ class MessageQueue:
     def enqueue(self, obj: Any, timeout: float | None = None) -> None:
         """Broadcasts `obj` (anything msgspec's msgpack encodes); raises on timeout, cancel or a dead reader."""
         deadline = _deadline(timeout)
+        self._check_usable()
         if not self._ready:
             self.wait_for_readers(timeout)
         payload = _ENCODER.encode(obj)
@@ -293,12 +297,6 @@ class MessageQueue:
 
     def close(self) -> None:
         """Tells the readers (their `dequeue` raises once the ring is drained) and unlinks the segment."""
-        if not self._finalizer.alive:
-            return
-        self._buf[self._layout.closed] = 1
-        _fence()
-        for fd in self._wake_fds:
-            _wake(fd)
         self._buf = None
         self._finalizer()
 
@@ -324,9 +322,12 @@ def _wake(fd: int) -> None:
         pass  # a full pipe wakes its reader anyway; a broken one has no reader left
 
 
-def _release_writer(shm: shared_memory.SharedMemory, context: zmq.Context, wake_fds: list[int],
-                    ipc_dir: str) -> None:
+def _release_writer(shm: shared_memory.SharedMemory, closed_offset: int, context: zmq.Context,
+                    wake_fds: list[int], ipc_dir: str) -> None:
+    shm.buf[closed_offset] = 1
+    _fence()
     for fd in wake_fds:
+        _wake(fd)
         os.close(fd)
     context.destroy(linger=_CLOSE_LINGER_MS)
     shm.close()
@@ -335,7 +336,11 @@ def _release_writer(shm: shared_memory.SharedMemory, context: zmq.Context, wake_
 
 
 class MessageQueueReader:
-    """Reader `reader_rank` of the queue described by `handle`; `dequeue()` returns messages in order."""
+    """Reader `reader_rank` of the queue described by `handle`; `dequeue()` returns messages in order.
+
+    `msg_type` is what msgspec decodes each message into (a Struct, a tagged union of Structs, `bytes`, ...);
+    with the default `Any`, Structs arrive as dicts and tuples as lists.
+    """
 
     def __init__(self, handle: MessageQueueHandle, reader_rank: int, msg_type: Any = Any,
                  spin_s: float = DEFAULT_SPIN_S) -> None:
@@ -378,6 +383,9 @@ class MessageQueueReader:
     def dequeue(self, timeout: float | None = None) -> Any:
         """The next message; raises `MessageQueueTimeout` (nothing consumed) or `MessageQueueClosed`."""
         deadline = _deadline(timeout)
+        if self._buf is None:
+            raise MessageQueueClosed(f"reader {self._rank} is closed")
+        self._check_usable(closed=False, writer=False)
         if not self._ready:
             self._recv_data(deadline, timeout, "ready signal from the writer", closed_is_final=True)
             self._ready = True

@@ -297,3 +297,27 @@ def test_a_waiting_reader_does_not_burn_a_core() -> None:
         process.join(5)
     assert wall_s >= 1.0
     assert cpu_s < 0.1 * wall_s, f"a reader waiting {wall_s:.2f} s used {cpu_s:.3f} s of CPU"
+
+
+def test_a_writer_dropped_unclosed_still_tells_its_readers_and_unlinks() -> None:
+    queue = MessageQueue(1)
+    handle = queue.handle
+    with MessageQueueReader(handle, 0) as reader:
+        queue.enqueue("last words", timeout=5)
+        del queue
+        assert not segment_exists(handle)
+        assert reader.dequeue(timeout=5) == "last words"
+        with pytest.raises(MessageQueueClosed, match="closed"):
+            reader.dequeue(timeout=5)
+
+
+def test_cancel_stops_a_blocked_writer_and_a_closed_writer_refuses_to_send() -> None:
+    with MessageQueue(1, num_chunks=1) as queue, MessageQueueReader(queue.handle, 0):
+        queue.enqueue("fills the ring", timeout=5)
+        threading.Timer(0.2, queue.cancel).start()
+        started = time.monotonic()
+        with pytest.raises(MessageQueueClosed, match="cancelled"):
+            queue.enqueue("blocked", timeout=10)
+        assert time.monotonic() - started < 1
+    with pytest.raises(MessageQueueClosed, match="closed"):
+        queue.enqueue("after close", timeout=5)
