@@ -174,6 +174,7 @@ class MessageQueue:
 
     Every reader receives every message once, in enqueue order, whether it went through the ring or the
     overflow socket. The writer never gets more than `num_chunks` messages ahead of its slowest reader.
+    Each side is used by one thread at a time; only `cancel()` may come from another.
     """
 
     def __init__(self, num_readers: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,

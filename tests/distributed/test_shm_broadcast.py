@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from pagoda.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from pagoda.distributed.shm_broadcast import (
     MessageQueue,
     MessageQueueClosed,
@@ -23,6 +25,7 @@ from pagoda.distributed.shm_broadcast import (
     MessageQueueReader,
     MessageQueueTimeout,
 )
+from pagoda.sampling_params import SamplingParams
 
 SPAWN = multiprocessing.get_context("spawn")
 CHUNK_BYTES = 16 << 10
@@ -120,10 +123,28 @@ def test_a_message_of_the_wrong_type_raises_and_is_skipped() -> None:
         assert reader.dequeue(timeout=5) == Call(method="ping", args=())
 
 
-def test_handle_travels_as_msgpack() -> None:
+def test_scheduler_output_arrives_as_sent() -> None:
+    new = NewRequestData(req_id="r1", prompt_token_ids=list(range(5000)), sampling_params=SamplingParams(
+        temperature=0.0, max_tokens=8), block_ids=([1, 2, 3],), num_computed_tokens=0)
+    output = SchedulerOutput(
+        scheduled_new_reqs=[new],
+        scheduled_cached_reqs=CachedRequestData(req_ids=["r0"], resumed_from_preemption=[False],
+                                                new_block_ids=[None], num_computed_tokens=[17]),
+        num_scheduled_tokens={"r1": 5000, "r0": 1}, total_num_scheduled_tokens=5001, finished_req_ids={"r9"})
+    with MessageQueue(1, chunk_bytes=4096) as queue, \
+            MessageQueueReader(queue.handle, 0, msg_type=SchedulerOutput) as reader:
+        queue.enqueue(output, timeout=5)  # over a chunk: through the overflow socket
+        queue.enqueue(SchedulerOutput(scheduled_new_reqs=[], scheduled_cached_reqs=CachedRequestData(),
+                                      num_scheduled_tokens={}, total_num_scheduled_tokens=0), timeout=5)
+        assert reader.dequeue(timeout=5) == output
+        assert reader.dequeue(timeout=5).total_num_scheduled_tokens == 0
+
+
+def test_handle_travels_as_msgpack_and_pickle() -> None:
     with MessageQueue(2) as queue:
         encoded = msgspec.msgpack.encode(queue.handle)
         assert msgspec.msgpack.decode(encoded, type=MessageQueueHandle) == queue.handle
+        assert pickle.loads(pickle.dumps(queue.handle)) == queue.handle
 
 
 def test_bad_arguments_are_refused() -> None:
