@@ -59,7 +59,7 @@ import zmq
 
 # A reader spins this long before it blocks: long enough to catch a message the writer is already putting in
 # (an enqueue takes a few us), short enough to cost under 0.1% of a core at a 30 ms decode step. Measured on this
-# 2-core machine (benchmarks/parallel.py): a blocked reader's wake-up adds about 50-100 us; a longer spin only
+# 2-core machine (benchmarks/parallel.py): a blocked reader's wake-up adds some 30-50 us; a longer spin only
 # catches messages that arrive within it, and during decode they arrive milliseconds apart, so it would burn
 # the compute core for nothing (vLLM's 1 s window spins through all of decode).
 DEFAULT_SPIN_S = 20e-6
