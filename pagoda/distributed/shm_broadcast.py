@@ -350,6 +350,7 @@ class MessageQueueReader:
         self._layout = layout = _Layout(handle.num_readers, handle.chunk_bytes, handle.num_chunks)
         self._rank = reader_rank
         self._writer_pid = handle.writer_pid
+        self._ipc_dir = handle.ipc_dir
         self._spin_s = spin_s
         self._decoder = msgspec.msgpack.Decoder(msg_type)
         self._shm = _attach_untracked(handle.shm_name)
@@ -468,6 +469,8 @@ class MessageQueueReader:
         if closed and self._buf[self._layout.closed]:
             raise MessageQueueClosed("the writer closed the message queue")
         if writer and not _process_alive(self._writer_pid):
+            # A killed writer could not remove its socket and FIFOs; its shared memory is its resource tracker's.
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
             raise MessageQueueClosed(f"the writer (pid {self._writer_pid}) died")
 
     def cancel(self) -> None:

@@ -289,6 +289,7 @@ def test_sigkilled_writer_wakes_the_reader_and_its_segment_is_reclaimed() -> Non
             with pytest.raises(MessageQueueClosed, match=rf"the writer \(pid {writer.pid}\) died"):
                 reader.dequeue(timeout=10)
             assert time.monotonic() - started < 1
+        assert not Path(handle.ipc_dir).exists()
     finally:
         writer.kill()
         writer.wait()
