@@ -144,7 +144,8 @@ def main() -> None:
     rows = ["| message | MQ p50 / p90 µs | ZMQ PUB p50 / p90 µs | latency MQ ÷ ZMQ | MQ CPU µs/msg | "
             "ZMQ CPU µs/msg | CPU MQ ÷ ZMQ |", "|---|---|---|---|---|---|---|"]
     for size in SIZES:
-        mq, zmq_run = run_mq(size, args.iterations, interval_s, DEFAULT_SPIN_S), run_zmq(size, args.iterations, interval_s)
+        mq = run_mq(size, args.iterations, interval_s, DEFAULT_SPIN_S)
+        zmq_run = run_zmq(size, args.iterations, interval_s)
         (mq_p50, mq_p90), (zmq_p50, zmq_p90) = summary(mq.latencies), summary(zmq_run.latencies)
         mq_cpu_us, zmq_cpu_us = mq.cpu_per_message_s * 1e6, zmq_run.cpu_per_message_s * 1e6
         rows.append(f"| {human(size)} | {mq_p50:.0f} / {mq_p90:.0f} | {zmq_p50:.0f} / {zmq_p90:.0f} | "
@@ -154,15 +155,16 @@ def main() -> None:
     for spin_s in SPIN_BUDGETS_S:
         run = run_mq(SIZES[0], args.iterations, interval_s, spin_s)
         p50, p90 = summary(run.latencies)
-        spins.append(f"| {spin_s * 1e6:.0f} µs{' (default)' if spin_s == DEFAULT_SPIN_S else ''} | "
+        budget = f"{spin_s:g} s" if spin_s >= 1 else f"{spin_s * 1e6:.0f} µs"
+        spins.append(f"| {budget}{' (default)' if spin_s == DEFAULT_SPIN_S else ''} | "
                      f"{p50:.0f} / {p90:.0f} | {run.cpu_per_message_s * 1e6:.0f} | {run.core_share:.1%} |")
     body = (f"One writer, one reader process; {args.iterations} messages per row, {args.interval_ms:g} ms apart "
             f"(the reader is asleep when each arrives, as between decode steps). The queue's chunks are "
             f"{human(CHUNK_BYTES)}, so 4 MiB messages go through its overflow socket. Latency is send to decoded; "
             f"CPU is both processes' user + system time over the messages (the writer's includes its own sleeps' "
             f"wake-ups, the same on both sides).\n\n" + "\n".join(rows) +
-            f"\n\nSpin budget, {human(SIZES[0])} messages (\"share of one core\": each process's CPU over its wall time, summed, "
-            f"while messages come every {args.interval_ms:g} ms):\n\n" + "\n".join(spins))
+            f"\n\nSpin budget, {human(SIZES[0])} messages (\"share of one core\": each process's CPU over its wall "
+            f"time, summed, while messages come every {args.interval_ms:g} ms):\n\n" + "\n".join(spins))
     print(body)
     write_section("Parallel: broadcast message queue vs ZMQ PUB/SUB", body,
                   "python benchmarks/parallel.py " + " ".join(sys.argv[1:]))
