@@ -136,6 +136,42 @@ class KVTransferConfig:
                  f"kv_store_load_mode must be one of {KV_LOAD_MODES}, got {self.load_mode!r}")
 
 
+EXECUTOR_BACKENDS = ("uni", "mp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many worker ranks run the model, and in which processes.
+
+    `distributed_executor_backend`: "uni" runs the one worker in the engine's
+    process; "mp" runs each rank in a worker process of its own, fed through a
+    shared-memory broadcast queue. None: "mp" when there is more than one
+    rank, "uni" otherwise.
+    """
+
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1,
+                 f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
+        _require(self.distributed_executor_backend in (None, *EXECUTOR_BACKENDS),
+                 f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                 f"got {self.distributed_executor_backend!r}")
+        _require(not (self.distributed_executor_backend == "uni" and self.world_size > 1),
+                 f"distributed_executor_backend 'uni' runs one rank; {self.world_size} need 'mp'")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "mp" if self.world_size > 1 else "uni"
+
+
 @dataclass(frozen=True)
 class MultiModalConfig:
     """Image inputs of multimodal models (ignored by text-only ones)."""
@@ -198,6 +234,7 @@ class PagodaConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_transfer_config: KVTransferConfig | None = None
     mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     ec_transfer_config: ECTransferConfig | None = None
 
     def __post_init__(self) -> None:

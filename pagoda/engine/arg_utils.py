@@ -23,6 +23,7 @@ from pagoda.config import (
     ModelConfig,
     MultiModalConfig,
     PagodaConfig,
+    ParallelConfig,
     SchedulerConfig,
 )
 from pagoda.kv_store_spec import parse_kv_store_spec
@@ -64,6 +65,9 @@ class EngineArgs:
     mm_processor_kwargs: dict[str, Any] | None = None
     limit_mm_per_prompt: dict[str, int] | None = None
     mm_processor_cache_gb: float = 4.0
+    # Worker ranks (tensor parallelism) and where they run: "uni" (in the engine's process) or "mp".
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     encoder_cache_size: int | None = None
     max_num_encoder_input_tokens: int | None = None
     # The encoder-cache store for image encoder outputs (same tier syntax), e.g. "disk:/var/cache/pagoda-ec:20GiB",
@@ -130,7 +134,9 @@ class EngineArgs:
                                                   self.kv_store_load_mode)
         return PagodaConfig(model_config, cache_config, scheduler_config, kv_transfer_config,
                             mm_config=self._mm_config(),
-                            ec_transfer_config=ec_transfer_config(self.ec_store, self.ec_role))
+                            ec_transfer_config=ec_transfer_config(self.ec_store, self.ec_role),
+                            parallel_config=ParallelConfig(self.tensor_parallel_size,
+                                                           self.distributed_executor_backend))
 
     def _mm_config(self) -> MultiModalConfig:
         limits = dict(self.limit_mm_per_prompt or {})

@@ -21,20 +21,20 @@ from pagoda.engine.kv_cache_sizing import blocks_per_request, size_kv_cache
 from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStatsMessage
 from pagoda.ec_connector.factory import make_ec_scheduler_connector, with_private_ec_lookup_address
 from pagoda.kv_connector.factory import make_scheduler_connector, with_private_lookup_address
-from pagoda.worker.executor import Executor, UniProcExecutor
+from pagoda.worker.executor import Executor, executor_class_for
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: PagodaConfig, executor_class: type[Executor] = UniProcExecutor) -> None:
+    def __init__(self, config: PagodaConfig, executor_class: type[Executor] | None = None) -> None:
         started = time.monotonic()
         config, self._lookup_dir = with_private_lookup_address(config)
         config, self._ec_lookup_dir = with_private_ec_lookup_address(config)
         if config.ec_transfer_config is not None and config.model_config.mm_tokens_per_image is None:
             raise ValueError(f"--ec-store keeps image encoder outputs; {config.model_config.model!r} takes no images")
         self.config = config
-        self.executor = executor_class(config)
+        self.executor = (executor_class or executor_class_for(config))(config)
         self.executor.load_model()
         sizing = size_kv_cache(self.executor.get_kv_cache_spec(), self.executor.determine_available_memory(),
                                config.cache_config, config.scheduler_config)

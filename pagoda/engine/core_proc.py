@@ -41,6 +41,7 @@ from pagoda.engine.messages import (
     UtilityOutput,
     UtilityRequest,
 )
+from pagoda.worker.executor_errors import ExecutorFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ class EngineCoreProc:
     def _step(self) -> EngineCoreOutputs:
         try:
             return self.engine_core.step()
+        except ExecutorFailedError:
+            raise  # the workers are gone: this process ends, and the front end reports the engine dead
         except Exception as e:
             # The batch's requests cannot be trusted any more; fail them and keep serving new ones.
             logger.exception("engine step failed; failing its requests")
@@ -214,12 +217,14 @@ class EngineProcess:
         self.input_socket.bind(input_address)
         self.output_socket = context.socket(zmq.PULL)
         self.output_socket.bind(output_address)
-        # Daemonic, so the interpreter's exit terminates it even when shutdown() was never called.
+        # Daemonic, so the interpreter's exit terminates it even when shutdown() was never called; but a
+        # daemonic process may not start processes, so with worker processes it is not (the finalizer below
+        # and its watch of this parent still stop it).
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,
             args=(msgspec.msgpack.encode(config), input_address, output_address),
             name="PagodaEngineCore",
-            daemon=True,
+            daemon=config.parallel_config.executor_backend != "mp",
         )
         self.process.start()
         self._finalizer = weakref.finalize(self, _stop, self.process, context, self.ipc_dir)

@@ -54,6 +54,15 @@ class Executor(ABC):
         self.collective_rpc("shutdown")
 
 
+def executor_class_for(config: PagodaConfig) -> type[Executor]:
+    """The executor `ParallelConfig` asks for: in this process ("uni") or one process per rank ("mp")."""
+    if config.parallel_config.executor_backend == "mp":
+        from pagoda.worker.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor
+    return UniProcExecutor
+
+
 class UniProcExecutor(Executor):
     """One worker in the engine's own process."""
 

@@ -33,12 +33,23 @@ def _available_host_memory() -> int:
 
 
 class Worker:
-    def __init__(self, config: PagodaConfig, rank: int = 0) -> None:
+    """One rank: its device, its share of the cores, its model runner.
+
+    `num_threads`: CPU threads for this rank (default: every core, for a
+    lone in-process worker). `init_method`: where the ranks of a
+    tensor-parallel world meet (needed when there is more than one).
+    """
+
+    def __init__(self, config: PagodaConfig, rank: int = 0, num_threads: int | None = None,
+                 init_method: str | None = None, device: torch.device | None = None) -> None:
         self.config = config
         self.rank = rank
-        self.device = select_device()
+        self.device = device if device is not None else select_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        if config.parallel_config.world_size > 1:
+            raise ValueError("tensor parallelism is not available yet: tensor_parallel_size must be 1")
+        self.init_method = init_method
         torch.manual_seed(config.model_config.seed)
         self.model_runner = ModelRunner(config, self.device)
 
