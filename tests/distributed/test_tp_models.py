@@ -1,0 +1,114 @@
+"""Tests for tensor parallelism: whole decoders split across gloo ranks, against the same model on one rank.
+
+Tiny random models (saved by transformers) cover the layouts: Gemma 3 with
+one KV head replicated on 2 ranks, tied and soft-capped; Llama with 3 KV
+heads split across 3 ranks, an untied LM head and a vocabulary (97) that
+needs padding. Prefill logits agree within LOGITS_ATOL (row-parallel sums
+reorder float additions) and are bitwise equal on every rank (gathered, so
+every rank samples the same token); greedy tokens equal TP=1's. The
+reference runs in a one-rank process with one thread, like the ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models.dense_attention import greedy_generate, prefill_logits
+from rank_runner import run_ranks
+
+from pagoda.distributed.parallel_state import TensorParallelGroup
+from pagoda.models import load_hf_config, load_model
+from pagoda.models.hf_config import check_tensor_parallel_size, tensor_parallel_sizes
+
+LOGITS_ATOL = 1e-5
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, head_dim=16,
+              max_position_embeddings=128)
+PROMPT = [int(t) for t in torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(5))]
+
+
+def _save(folder: Path, config: object) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.data.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=5,
+                              query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+                              layer_types=["sliding_attention", "full_attention"] * 2,
+                              architectures=["Gemma3ForCausalLM"])
+    return _save(tmp_path_factory.mktemp("gemma3"), config)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**COMMON, "hidden_size": 96}, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"])
+    return _save(tmp_path_factory.mktemp("llama"), config)
+
+
+@torch.no_grad()
+def _run_model(tp: TensorParallelGroup, folder: Path, num_new_tokens: int) -> dict:
+    model = load_model(folder, torch.float32, torch.device("cpu"), tp=tp)
+    hidden = torch.randn(5, model.model.embed_tokens.embedding_dim, generator=torch.Generator().manual_seed(6))
+    specs = model.attention_layer_specs()
+    return {"prefill": prefill_logits(model, PROMPT).numpy(),
+            "lm_head": model.compute_logits(hidden).numpy(),
+            "greedy": greedy_generate(model, PROMPT, num_new_tokens),
+            "heads": [(spec.num_heads, spec.num_kv_heads) for spec in specs]}
+
+
+@pytest.mark.parametrize(("name", "world_size", "local_heads"), [("gemma", 2, (2, 1)), ("llama", 3, (2, 1))])
+def test_tp_model_matches_one_rank(name: str, world_size: int, local_heads: tuple[int, int],
+                                   tiny_gemma: Path, tiny_llama: Path) -> None:
+    folder = tiny_gemma if name == "gemma" else tiny_llama
+    (reference,) = run_ranks(1, _run_model, folder, 8)
+    ranks = run_ranks(world_size, _run_model, folder, 8)
+    for out in ranks:
+        assert out["heads"] == [local_heads] * 4, "attention_layer_specs must give this rank's heads"
+        # Gathered logits: the same bits on every rank.
+        assert np.array_equal(out["prefill"], ranks[0]["prefill"])
+        assert out["greedy"] == reference["greedy"]
+    # The LM head alone (same hidden states) is column-parallel: bit-exact.
+    assert np.array_equal(ranks[0]["lm_head"], reference["lm_head"])
+    assert ranks[0]["prefill"].shape == reference["prefill"].shape == (len(PROMPT), 97)
+    np.testing.assert_allclose(ranks[0]["prefill"], reference["prefill"], rtol=0, atol=LOGITS_ATOL)
+
+
+def _load_error(tp: TensorParallelGroup, folder: Path) -> str:
+    try:
+        load_model(folder, torch.float32, torch.device("cpu"), tp=tp)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def test_head_counts_that_do_not_split_are_refused(smollm_path: Path, gemma_path: Path) -> None:
+    smollm, gemma = load_hf_config(smollm_path), load_hf_config(gemma_path)
+    # SmolLM2 135M: 9 query heads, 3 KV heads, MLP 1536.
+    assert tensor_parallel_sizes(smollm) == [1, 3]
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 2 .* 9 attention heads .* sizes that work: 1, 3$"):
+        check_tensor_parallel_size(smollm, 2)
+    check_tensor_parallel_size(smollm, 3)
+    # Gemma 3 270M: 4 query heads and 1 KV head, replicated on every rank.
+    assert tensor_parallel_sizes(gemma) == [1, 2, 4]
+    check_tensor_parallel_size(gemma, 2)
+    with pytest.raises(ValueError, match="sizes that work: 1, 2, 4"):
+        check_tensor_parallel_size(gemma, 3)
+    # A rank refuses the model before reading any weight.
+    errors = run_ranks(2, _load_error, smollm_path)
+    assert all("tensor_parallel_size 2 does not split this model" in error for error in errors)
