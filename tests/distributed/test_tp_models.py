@@ -66,10 +66,30 @@ def _run_model(tp: TensorParallelGroup, folder: Path, num_new_tokens: int) -> di
     model = load_model(folder, torch.float32, torch.device("cpu"), tp=tp)
     hidden = torch.randn(5, model.model.embed_tokens.embedding_dim, generator=torch.Generator().manual_seed(6))
     specs = model.attention_layer_specs()
+    layer = model.model.layers[0]
     return {"prefill": prefill_logits(model, PROMPT).numpy(),
             "lm_head": model.compute_logits(hidden).numpy(),
             "greedy": greedy_generate(model, PROMPT, num_new_tokens),
-            "heads": [(spec.num_heads, spec.num_kv_heads) for spec in specs]}
+            "heads": [(spec.num_heads, spec.num_kv_heads) for spec in specs],
+            "weights": {name: layer.get_submodule(module).weight.numpy() for name, module in _LAYER0.items()},
+            "embedding": model.model.embed_tokens.weight.numpy(),
+            "storage": {name: _storage_kind(param, folder) for name, param in model.named_parameters()}}
+
+
+def _storage_kind(param: torch.Tensor, folder: Path) -> str:
+    """"own" (memory of exactly its own size), "mapped" (inside the checkpoint file's mapping) or "copy"."""
+    if param.untyped_storage().nbytes() == param.nbytes:
+        return "own"
+    address, checkpoint = param.data_ptr(), str(folder / "model.safetensors")
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        if fields[-1] == checkpoint and start <= address < end:
+            return "mapped"
+    return "copy"
+
+
+_LAYER0 = {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}
 
 
 @pytest.mark.parametrize(("name", "world_size", "local_heads"), [("gemma", 2, (2, 1)), ("llama", 3, (2, 1))])
@@ -87,6 +107,36 @@ def test_tp_model_matches_one_rank(name: str, world_size: int, local_heads: tupl
     assert np.array_equal(ranks[0]["lm_head"], reference["lm_head"])
     assert ranks[0]["prefill"].shape == reference["prefill"].shape == (len(PROMPT), 97)
     np.testing.assert_allclose(ranks[0]["prefill"], reference["prefill"], rtol=0, atol=LOGITS_ATOL)
+    heads = (4, 1) if name == "gemma" else (6, 3)
+    _check_rank_weights(ranks, reference, *heads)
+
+
+def _check_rank_weights(ranks: list[dict], reference: dict, num_heads: int, num_kv_heads: int) -> None:
+    """Each rank's layer-0 weights and embedding rows, put back together, are the full model's, bitwise."""
+    world_size, full = len(ranks), reference["weights"]
+    q_rows, kv_rows = num_heads * 16, num_kv_heads * 16
+    full_q, full_k, full_v = np.split(full["qkv"], [q_rows, q_rows + kv_rows])
+    local_q, local_kv = q_rows // world_size, kv_rows // min(num_kv_heads, world_size)
+    pieces = [np.split(out["weights"]["qkv"], [local_q, local_q + local_kv]) for out in ranks]
+    assert np.array_equal(np.concatenate([q for q, _, _ in pieces]), full_q)
+    for index, full_kv in ((1, full_k), (2, full_v)):
+        if num_kv_heads >= world_size:
+            assert np.array_equal(np.concatenate([piece[index] for piece in pieces]), full_kv)
+        else:  # one KV head, replicated on every rank
+            assert all(np.array_equal(piece[index], full_kv) for piece in pieces)
+    for name, axis in (("o", 1), ("down", 1)):
+        assert np.array_equal(np.concatenate([out["weights"][name] for out in ranks], axis=axis), full[name])
+    gate_ups = [np.split(out["weights"]["gate_up"], 2) for out in ranks]
+    assert np.array_equal(np.concatenate([gate for gate, _ in gate_ups]), np.split(full["gate_up"], 2)[0])
+    assert np.array_equal(np.concatenate([up for _, up in gate_ups]), np.split(full["gate_up"], 2)[1])
+    table = np.concatenate([out["embedding"] for out in ranks])
+    vocab = reference["embedding"].shape[0]
+    assert np.array_equal(table[:vocab], reference["embedding"]) and not table[vocab:].any()
+    # No rank copies a whole tensor: each parameter is a view of the mapped file or holds only its own bytes.
+    for out in ranks:
+        assert {name for name, kind in out["storage"].items() if kind == "copy"} == set()
+    # Row slices of a float32 file are adopted as they lie in it (rank 0's embedding rows need no padding).
+    assert ranks[0]["storage"]["model.embed_tokens.weight"] == "mapped"
 
 
 def _load_error(tp: TensorParallelGroup, folder: Path) -> str:
