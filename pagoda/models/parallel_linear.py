@@ -13,6 +13,10 @@
   outside a rank's rows embed as zeros and the all-reduce adds the one rank
   that has them; the LM head's per-rank logits are gathered by the caller.
 
+With `quantization="int8"`, a row-parallel shard's per-row scales cover
+only its columns, so int8 under TP is not TP=1's int8 (column-parallel rows
+and the LM head keep the same scales).
+
 Every class has `checkpoint_slice(param_name, shard, tensor)`: given the
 full checkpoint tensor (a view of the memory-mapped file), the rows or
 columns this rank keeps, a view wherever no padding is needed. The builders

@@ -229,3 +229,14 @@ def test_image_model_splits_its_decoder(tiny_gemma_mm: Path) -> None:
     ranks = run_ranks(2, _image_prompt_logits, tiny_gemma_mm)
     assert np.array_equal(ranks[0], ranks[1])
     np.testing.assert_allclose(ranks[0], reference, rtol=0, atol=LOGITS_ATOL)
+
+
+def test_one_rank_builds_the_unsplit_layers(tiny_llama: Path) -> None:
+    # World size 1 is the single-process path: no parallel class, no process group, no collective.
+    from pagoda.models import parallel_linear
+
+    model = load_model(tiny_llama, torch.float32, torch.device("cpu"))
+    parallel = (parallel_linear.MergedColumnParallelLinear, parallel_linear.RowParallelLinear,
+                parallel_linear.VocabParallelEmbedding, parallel_linear.ParallelLMHead)
+    assert not any(isinstance(module, parallel) for module in model.modules())
+    assert not torch.distributed.is_initialized()
