@@ -1,4 +1,4 @@
-"""Worker layer (distributed): the tensor-parallel process group of one worker process and its collectives.
+"""Distributed layer (beside worker): the tensor-parallel process group of one worker process and its collectives.
 
 A worker process calls `init_tensor_parallel` once, before it builds its
 model, and hands the returned `TensorParallelGroup` to the model
