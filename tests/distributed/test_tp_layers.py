@@ -174,7 +174,7 @@ def test_qkv_column_parallel_is_bit_exact(layer_outputs: tuple[int, list[dict]])
 
 def _stalled_peer(tp: TensorParallelGroup) -> dict[str, float | str]:
     if tp.rank == 1:
-        time.sleep(6.0)  # a peer that stopped answering (as under SIGSTOP)
+        time.sleep(4.0)  # a peer that stopped answering (as under SIGSTOP)
         return {}
     start = time.monotonic()
     try:
