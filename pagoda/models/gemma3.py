@@ -14,15 +14,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
+from pagoda.models.blocks import Attention, GatedMLP
 from pagoda.models.causal_lm import CausalLM
+from pagoda.models.hf_config import check_tensor_parallel_size
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
-from pagoda.models.layers import (
-    Attention,
-    CheckpointEmbedding,
-    GatedMLP,
-    GemmaRMSNorm,
-    RotaryEmbedding,
-)
+from pagoda.models.layers import GemmaRMSNorm, RotaryEmbedding
+from pagoda.models.parallel_linear import vocab_embedding
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -52,15 +50,15 @@ def gemma3_rope_parameters(config: dict) -> dict[str, dict]:
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: dict, layer_index: int, spec: AttentionLayerSpec) -> None:
+    def __init__(self, config: dict, layer_index: int, spec: AttentionLayerSpec, tp: TensorParallelGroup) -> None:
         super().__init__()
         hidden_size, eps = config["hidden_size"], config.get("rms_norm_eps", 1e-6)
         self.input_layernorm = GemmaRMSNorm(hidden_size, eps)
-        self.self_attn = Attention(layer_index, hidden_size, spec, qk_norm=partial(GemmaRMSNorm, eps=eps))
+        self.self_attn = Attention(layer_index, hidden_size, spec, qk_norm=partial(GemmaRMSNorm, eps=eps), tp=tp)
         self.post_attention_layernorm = GemmaRMSNorm(hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(hidden_size, eps)
         activation = config.get("hidden_activation", "gelu_pytorch_tanh")
-        self.mlp = GatedMLP(hidden_size, config["intermediate_size"], activation)
+        self.mlp = GatedMLP(hidden_size, config["intermediate_size"], activation, tp)
         self.post_feedforward_layernorm = GemmaRMSNorm(hidden_size, eps)
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
@@ -71,12 +69,13 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3TextModel(nn.Module):
-    def __init__(self, config: dict, specs: list[AttentionLayerSpec], layer_types: list[str]) -> None:
+    def __init__(self, config: dict, specs: list[AttentionLayerSpec], layer_types: list[str],
+                 tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
         hidden_size = config["hidden_size"]
-        self.embed_tokens = CheckpointEmbedding(config["vocab_size"], hidden_size)
+        self.embed_tokens = vocab_embedding(config["vocab_size"], hidden_size, tp)
         self.hidden_size = hidden_size
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, spec) for i, spec in enumerate(specs))
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, i, spec, tp) for i, spec in enumerate(specs))
         self.norm = GemmaRMSNorm(hidden_size, config.get("rms_norm_eps", 1e-6))
         rope = gemma3_rope_parameters(config)
         max_position = config["max_position_embeddings"]
@@ -122,12 +121,16 @@ def gemma3_attention_specs(config: dict, layer_types: list[str]) -> list[Attenti
 
 
 class Gemma3ForCausalLM(CausalLM):
-    """Gemma 3 text decoder; `forward` returns final hidden states, `compute_logits` the float32 logits."""
+    """Gemma 3 text decoder; `forward` returns final hidden states, `compute_logits` the float32 logits.
 
-    def __init__(self, config: dict) -> None:
+    With `tp` of world size > 1, this rank's share of the model (see `pagoda.models.blocks`).
+    """
+
+    def __init__(self, config: dict, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         if config.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention is not supported for Gemma3ForCausalLM")
+        check_tensor_parallel_size(config, tp.world_size)
         layer_types = gemma3_layer_types(config)
         specs = gemma3_attention_specs(config, layer_types)
-        super().__init__(config, Gemma3TextModel(config, specs, layer_types), specs, tie_by_default=True,
-                         final_logit_softcap=config.get("final_logit_softcapping"))
+        super().__init__(config, Gemma3TextModel(config, specs, layer_types, tp), specs, tie_by_default=True,
+                         final_logit_softcap=config.get("final_logit_softcapping"), tp=tp)

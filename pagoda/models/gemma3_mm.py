@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
 from pagoda.models.causal_lm import CausalLM
 from pagoda.models.gemma3 import Gemma3TextModel, gemma3_attention_specs, gemma3_layer_types
-from pagoda.models.hf_config import MultiModalInfo, mm_info, text_config, vision_config
+from pagoda.models.hf_config import MultiModalInfo, check_tensor_parallel_size, mm_info, text_config, vision_config
 from pagoda.models.interfaces import AttentionContext
 from pagoda.models.layers import GemmaRMSNorm
 from pagoda.models.siglip import SiglipVisionModel
@@ -65,18 +66,22 @@ class Gemma3MultiModalProjector(nn.Module):
 
 
 class Gemma3ForConditionalGeneration(CausalLM):
-    """Gemma 3 with images; the text half (decoder, LM head, worker-facing methods) is `CausalLM`'s."""
+    """Gemma 3 with images; the text half (decoder, LM head, worker-facing methods) is `CausalLM`'s.
 
-    def __init__(self, config: dict) -> None:
+    Under tensor parallelism only the decoder is split: every rank runs the whole vision tower and projector.
+    """
+
+    def __init__(self, config: dict, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         info = mm_info(config)
         if info is None:
             raise ValueError("Gemma3ForConditionalGeneration needs a config with model_type 'gemma3' and a "
                              "vision_config")
+        check_tensor_parallel_size(config, tp.world_size)
         text, vision = text_config(config), vision_config(config)
         layer_types = gemma3_layer_types(text)
         specs = gemma3_attention_specs(text, layer_types)
-        super().__init__(text, Gemma3TextModel(text, specs, layer_types), specs, tie_by_default=True,
-                         final_logit_softcap=text.get("final_logit_softcapping"))
+        super().__init__(text, Gemma3TextModel(text, specs, layer_types, tp), specs, tie_by_default=True,
+                         final_logit_softcap=text.get("final_logit_softcapping"), tp=tp)
         self.vision_tower = SiglipVisionModel(vision)
         self.multi_modal_projector = Gemma3MultiModalProjector(vision, text["hidden_size"], info)
 

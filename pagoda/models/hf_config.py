@@ -110,3 +110,30 @@ def mm_info(config: dict) -> MultiModalInfo | None:
         image_size=int(vision["image_size"]),
         hidden_size=int(text_config(config)["hidden_size"]),
     )
+
+
+def tensor_parallel_sizes(config: dict) -> list[int]:
+    """The tensor-parallel sizes a decoder config splits into: the query heads and the MLP evenly, and the
+    KV heads evenly or, when there are fewer KV heads than ranks, each replicated on whole groups of ranks."""
+    text = text_config(config)
+    num_heads = int(text["num_attention_heads"])
+    num_kv_heads = int(text.get("num_key_value_heads") or num_heads)
+    intermediate_size = int(text["intermediate_size"])
+    return [size for size in range(1, num_heads + 1)
+            if num_heads % size == 0 and intermediate_size % size == 0
+            and (num_kv_heads % size == 0 or size % num_kv_heads == 0)]
+
+
+def check_tensor_parallel_size(config: dict, tensor_parallel_size: int) -> None:
+    """A ValueError naming the sizes that work when `tensor_parallel_size` does not split this model."""
+    sizes = tensor_parallel_sizes(config)
+    if tensor_parallel_size in sizes:
+        return
+    text = text_config(config)
+    num_heads = text["num_attention_heads"]
+    raise ValueError(
+        f"tensor_parallel_size {tensor_parallel_size} does not split this model: its {num_heads} attention "
+        f"heads and MLP size {text['intermediate_size']} must split evenly across the ranks, and its "
+        f"{text.get('num_key_value_heads') or num_heads} KV heads must split evenly or divide the number of "
+        f"ranks (each KV head then replicated); sizes that work: {', '.join(map(str, sizes))}"
+    )

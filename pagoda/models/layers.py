@@ -1,8 +1,11 @@
-"""Models layer: the building blocks shared by the decoder models (norms, rotary, fused projections).
+"""Models layer: the building blocks shared by the decoder models (norms, rotary, projections, the LM head).
 
 Projections that read the same input are fused into one matmul (`qkv_proj`,
 `gate_up_proj`); `PACKED_MODULES_MAPPING` tells the loader which checkpoint
 tensor fills which rows of the fused weight.
+
+The attention and MLP blocks built from these live in `pagoda.models.blocks`
+(split across tensor-parallel ranks there, through `pagoda.models.parallel_linear`).
 
 Modules holding values derived from the config or from loaded weights (the
 rotary cos/sin table, Gemma's float32 1 + w) define `init_buffers(device,
@@ -23,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
 from pagoda.models.quantization import Int8Weight
 
 # Checkpoint projection name -> (fused module name, shard index within it).
@@ -221,53 +223,6 @@ class MergedLinear(Linear):
     def shard_rows(self, index: int) -> slice:
         start = sum(self.output_sizes[:index])
         return slice(start, start + self.output_sizes[index])
-
-
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up in one matmul."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, (intermediate_size, intermediate_size))
-        self.down_proj = Linear(intermediate_size, hidden_size)
-        self.act_fn = get_activation(activation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
-
-
-class Attention(nn.Module):
-    """Fused QKV projection, optional per-head QK-norm, rotary, then the worker's attention context."""
-
-    def __init__(
-        self,
-        layer_index: int,
-        hidden_size: int,
-        spec: AttentionLayerSpec,
-        qk_norm: Callable[[int], nn.Module] | None = None,
-    ) -> None:
-        super().__init__()
-        self.layer_index = layer_index
-        self.spec = spec
-        q_size = spec.num_heads * spec.head_dim
-        kv_size = spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = MergedLinear(hidden_size, (q_size, kv_size, kv_size))
-        self.o_proj = Linear(q_size, hidden_size)
-        self.q_norm = qk_norm(spec.head_dim) if qk_norm else None
-        self.k_norm = qk_norm(spec.head_dim) if qk_norm else None
-
-    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(num_tokens, self.spec.num_heads, self.spec.head_dim)
-        k = k.view(num_tokens, self.spec.num_kv_heads, self.spec.head_dim)
-        v = v.view(num_tokens, self.spec.num_kv_heads, self.spec.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention.forward(self.layer_index, q, k, v)
-        return self.o_proj(out.reshape(num_tokens, -1))
 
 
 # Vocabulary rows per packed LM-head slice. A [64, 262k] bf16 result (33 MB) is mapped fresh by glibc and

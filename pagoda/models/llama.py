@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
+from pagoda.models.blocks import Attention, GatedMLP
 from pagoda.models.causal_lm import CausalLM
+from pagoda.models.hf_config import check_tensor_parallel_size
 from pagoda.models.interfaces import AttentionContext, AttentionLayerSpec
-from pagoda.models.layers import (
-    Attention,
-    CheckpointEmbedding,
-    GatedMLP,
-    RMSNorm,
-    RotaryEmbedding,
-)
+from pagoda.models.layers import RMSNorm, RotaryEmbedding
+from pagoda.models.parallel_linear import vocab_embedding
 
 
 def llama_rope_parameters(config: dict) -> dict:
@@ -24,13 +22,13 @@ def llama_rope_parameters(config: dict) -> dict:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: dict, layer_index: int, spec: AttentionLayerSpec) -> None:
+    def __init__(self, config: dict, layer_index: int, spec: AttentionLayerSpec, tp: TensorParallelGroup) -> None:
         super().__init__()
         hidden_size, eps = config["hidden_size"], config["rms_norm_eps"]
         self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.self_attn = Attention(layer_index, hidden_size, spec)
+        self.self_attn = Attention(layer_index, hidden_size, spec, tp=tp)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-        self.mlp = GatedMLP(hidden_size, config["intermediate_size"], config.get("hidden_act", "silu"))
+        self.mlp = GatedMLP(hidden_size, config["intermediate_size"], config.get("hidden_act", "silu"), tp)
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention)
@@ -38,10 +36,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: dict, specs: list[AttentionLayerSpec]) -> None:
+    def __init__(self, config: dict, specs: list[AttentionLayerSpec], tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.embed_tokens = CheckpointEmbedding(config["vocab_size"], config["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, spec) for i, spec in enumerate(specs))
+        self.embed_tokens = vocab_embedding(config["vocab_size"], config["hidden_size"], tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, spec, tp) for i, spec in enumerate(specs))
         self.norm = RMSNorm(config["hidden_size"], config["rms_norm_eps"])
         self.rotary_emb = RotaryEmbedding(
             specs[0].head_dim, config["max_position_embeddings"], llama_rope_parameters(config)
@@ -56,9 +54,13 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    """Llama decoder; `forward` returns final hidden states, `compute_logits` the float32 logits."""
+    """Llama decoder; `forward` returns final hidden states, `compute_logits` the float32 logits.
 
-    def __init__(self, config: dict) -> None:
+    With `tp` of world size > 1, this rank's share of the model (see `pagoda.models.blocks`).
+    """
+
+    def __init__(self, config: dict, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+        check_tensor_parallel_size(config, tp.world_size)
         num_heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
         spec = AttentionLayerSpec(
@@ -68,4 +70,4 @@ class LlamaForCausalLM(CausalLM):
             scale=head_dim**-0.5,
         )
         specs = [spec] * config["num_hidden_layers"]
-        super().__init__(config, LlamaModel(config, specs), specs, tie_by_default=False)
+        super().__init__(config, LlamaModel(config, specs, tp), specs, tie_by_default=False, tp=tp)

@@ -10,6 +10,10 @@ by exactly the checkpoint's tensors: a missing or unexpected name is an error.
 A model whose checkpoints come in several naming layouts (Gemma 3 vision)
 defines `map_checkpoint_name(name) -> str | None`: the parameter name a
 checkpoint name stands for, or None for a tensor the model does not use.
+For a tensor-parallel rank (`tp`), modules that hold a slice of a tensor
+define `checkpoint_slice(param_name, shard, tensor)`: the loader hands them
+the full mmap view and casts only the rows or columns they return, so no
+rank copies the whole checkpoint.
 With `quantization="int8"`, the loaded weights then get their int8 copies;
 last, projections that can take a faster CPU layout are packed
 (`pack_weight()`, see `pagoda.models.layers.pack_for_cpu`).
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
 from pagoda.models.layers import MergedLinear
 from pagoda.models.quantization import quantize_model
 from pagoda.models.registry import architecture_of, get_model_class
@@ -48,16 +53,18 @@ def load_hf_config(folder: Path) -> dict:
     return config
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None) -> nn.Module:
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
+               tp: TensorParallelGroup = SINGLE_RANK) -> nn.Module:
     """The model described by `folder`, weights cast to `dtype` on `device`, in eval mode.
 
     `quantization`: None, or "int8" for int8 weight copies used by small batches (`pagoda.models.quantization`).
+    `tp`: the tensor-parallel group; with more than one rank, the model is this rank's share.
     """
     folder = Path(folder)
     config = load_hf_config(folder)
     model_class = get_model_class(architecture_of(config))
     with torch.device("meta"):
-        model = model_class(config)
+        model = model_class(config, tp=tp)
     load_weights(model, weight_files(folder), dtype, torch.device(device))
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -84,7 +91,8 @@ def load_weights(model: nn.Module, files: Iterable[Path], dtype: torch.dtype, de
             piece = _target(name, packed)
             if piece not in expected:
                 raise ValueError(f"{file.name}: unexpected weight {checkpoint_name!r} for {type(model).__name__}")
-            _place(model, *piece, stored.to(device=device, dtype=dtype), checkpoint_name)
+            held = _rank_slice(model, *piece, stored, checkpoint_name)
+            _place(model, *piece, held.to(device=device, dtype=dtype).contiguous(), checkpoint_name)
             loaded.add(piece)
     missing = sorted(f"{target}[{shard}]" if shard is not None else target for target, shard in expected - loaded)
     if missing:
@@ -112,6 +120,19 @@ def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | N
         fused, shard = packed[parts[-2]]
         return ".".join([*parts[:-2], fused, parts[-1]]), shard
     return name, None
+
+
+def _rank_slice(model: nn.Module, target: str, shard: int | None, tensor: torch.Tensor,
+                source: str) -> torch.Tensor:
+    """The part of a checkpoint tensor this tensor-parallel rank holds (all of it for unsplit modules)."""
+    module_name, _, param_name = target.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not hasattr(module, "checkpoint_slice"):
+        return tensor
+    try:
+        return module.checkpoint_slice(param_name, shard, tensor)
+    except ValueError as err:
+        raise ValueError(f"weight {source!r} of shape {tuple(tensor.shape)}: {err}") from err
 
 
 def _place(model: nn.Module, target: str, shard: int | None, tensor: torch.Tensor, source: str) -> None:
