@@ -48,6 +48,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="tokens per stored chunk (a multiple of --block-size)")
     parser.add_argument("--kv-store-load-mode", choices=["layerwise", "bulk", "async"],
                         default=defaults.kv_store_load_mode)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
+                        help="ranks splitting the model (gloo on CPU, NCCL on CUDA)")
+    parser.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
+                        help="where the ranks run (default: mp with more than one rank, else uni)")
     parser.add_argument("--mm-processor-kwargs", type=_json_object, default=None, metavar="JSON",
                         help='image processor options for every image, e.g. \'{"do_pan_and_scan": true}\'')
     parser.add_argument("--limit-mm-per-prompt", type=_json_object, default=None, metavar="JSON",

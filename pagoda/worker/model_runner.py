@@ -34,6 +34,7 @@ from pagoda.core.connector.kv_metadata import KVConnectorOutput
 from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from pagoda.core.model_runner_output import LogprobsLists, ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
 from pagoda.ec_connector.factory import make_ec_worker_connector
 from pagoda.kv_connector.factory import make_worker_connector
 from pagoda.models.interfaces import AttentionLayerSpec
@@ -63,9 +64,11 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: PagodaConfig, device: torch.device) -> None:
+    def __init__(self, config: PagodaConfig, device: torch.device, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         self.config = config
         self.device = device
+        # This rank's tensor-parallel group: the model holds its shard of every split layer.
+        self.tp = tp
         self.dtype = getattr(torch, config.model_config.dtype)
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
@@ -75,7 +78,7 @@ class ModelRunner:
 
     def load_model(self) -> None:
         self.model = load_model(Path(self.config.model_config.path), self.dtype, self.device,
-                                self.config.model_config.quantization)
+                                self.config.model_config.quantization, tp=self.tp)
         self.layer_specs: list[AttentionLayerSpec] = self.model.attention_layer_specs()
         if hasattr(self.model, "embed_multimodal"):
             self.encoder_runner = EncoderRunner(self.model, self.device,

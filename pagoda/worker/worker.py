@@ -9,6 +9,7 @@ import torch
 
 from pagoda.config import PagodaConfig
 from pagoda.core.connector.base import WorkerConnector
+from pagoda.distributed.parallel_state import SINGLE_RANK, destroy_tensor_parallel, init_tensor_parallel
 from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
@@ -47,11 +48,13 @@ class Worker:
         self.device = device if device is not None else select_device()
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
-        if config.parallel_config.world_size > 1:
-            raise ValueError("tensor parallelism is not available yet: tensor_parallel_size must be 1")
-        self.init_method = init_method
+        world_size = config.parallel_config.world_size
+        if world_size > 1 and init_method is None:
+            raise ValueError(f"{world_size} tensor-parallel ranks need an init_method to meet at")
+        self.tp = (init_tensor_parallel(rank, world_size, init_method, self.device) if world_size > 1
+                   else SINGLE_RANK)
         torch.manual_seed(config.model_config.seed)
-        self.model_runner = ModelRunner(config, self.device)
+        self.model_runner = ModelRunner(config, self.device, self.tp)
 
     def load_model(self) -> None:
         self.model_runner.load_model()
@@ -94,6 +97,7 @@ class Worker:
     def shutdown(self) -> None:
         for connector in self._connectors():
             connector.close()
+        destroy_tensor_parallel(self.tp)
 
     def _connectors(self) -> list[WorkerConnector]:
         runner = self.model_runner
