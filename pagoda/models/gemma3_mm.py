@@ -78,6 +78,11 @@ class Gemma3ForConditionalGeneration(CausalLM):
                              "vision_config")
         check_tensor_parallel_size(config, tp.world_size)
         text, vision = text_config(config), vision_config(config)
+        window = text.get("sliding_window")
+        if window is not None and window < info.mm_tokens_per_image:
+            # A crop's soft tokens attend to each other in every layer: they must fit one window.
+            raise ValueError(f"sliding_window {window} is shorter than the {info.mm_tokens_per_image} soft tokens "
+                             "of one image crop")
         layer_types = gemma3_layer_types(text)
         specs = gemma3_attention_specs(text, layer_types)
         super().__init__(text, Gemma3TextModel(text, specs, layer_types, tp), specs, tie_by_default=True,

@@ -184,3 +184,12 @@ def test_inconsistent_image_settings_are_named(vision: dict, tokens: int, messag
     config = {"model_type": "gemma3", "text_config": {}, "vision_config": vision, "mm_tokens_per_image": tokens}
     with pytest.raises(ValueError, match=message):
         mm_info(config)
+
+
+def test_a_crop_longer_than_the_sliding_window_is_refused() -> None:
+    from tiny_gemma3 import tiny_config
+
+    config = tiny_config().to_dict()
+    config["text_config"]["sliding_window"] = 3  # the tiny model's crops have 4 soft tokens
+    with torch.device("meta"), pytest.raises(ValueError, match="shorter than the 4 soft tokens"):
+        Gemma3ForConditionalGeneration(config)

@@ -34,10 +34,10 @@ SO400M_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers
                      image_size=896, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False)
 
 
-def _gemma3_config(vision: dict, mm_tokens_per_image: int):
+def _gemma3_config(vision: dict, mm_tokens_per_image: int, **text_overrides: object):
     from transformers import Gemma3Config
 
-    return Gemma3Config(text_config=dict(TINY_TEXT), vision_config=dict(vision),
+    return Gemma3Config(text_config={**TINY_TEXT, **text_overrides}, vision_config=dict(vision),
                         mm_tokens_per_image=mm_tokens_per_image, image_token_index=IMAGE_TOKEN_ID,
                         boi_token_index=BOI_TOKEN_ID, eoi_token_index=EOI_TOKEN_ID,
                         architectures=["Gemma3ForConditionalGeneration"])
@@ -48,7 +48,9 @@ def tiny_config():
 
 
 def vision_benchmark_config():
-    return _gemma3_config(SO400M_VISION, mm_tokens_per_image=256)
+    # The real 4B's window and length: 256 soft tokens per crop must fit one sliding window.
+    return _gemma3_config(SO400M_VISION, mm_tokens_per_image=256, sliding_window=1024,
+                          max_position_embeddings=4096)
 
 
 def preprocessor_config(image_size: int, image_seq_length: int) -> dict:
