@@ -8,6 +8,7 @@ model's max length, the number of KV blocks) produce a new config through
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -151,10 +152,13 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # Engine cores (each a process with its own scheduler, KV cache and ranks) behind one front end.
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1,
                  f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
+        _require(self.data_parallel_size >= 1, f"data_parallel_size must be positive, got {self.data_parallel_size}")
         _require(self.distributed_executor_backend in (None, *EXECUTOR_BACKENDS),
                  f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
                  f"got {self.distributed_executor_backend!r}")
@@ -164,6 +168,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size
+
+    @property
+    def threads_per_rank(self) -> int:
+        """This machine's cores shared out among every rank of every engine core."""
+        return max(1, (os.cpu_count() or 1) // (self.world_size * self.data_parallel_size))
 
     @property
     def executor_backend(self) -> str:

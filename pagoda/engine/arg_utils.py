@@ -68,6 +68,8 @@ class EngineArgs:
     # Worker ranks (tensor parallelism) and where they run: "uni" (in the engine's process) or "mp".
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # Engine cores behind this front end, each with its own scheduler and KV cache (a process each).
+    data_parallel_size: int = 1
     encoder_cache_size: int | None = None
     max_num_encoder_input_tokens: int | None = None
     # The encoder-cache store for image encoder outputs (same tier syntax), e.g. "disk:/var/cache/pagoda-ec:20GiB",
@@ -140,7 +142,8 @@ class EngineArgs:
                             mm_config=self._mm_config(),
                             ec_transfer_config=ec_transfer_config(self.ec_store, self.ec_role),
                             parallel_config=ParallelConfig(self.tensor_parallel_size,
-                                                           self.distributed_executor_backend))
+                                                           self.distributed_executor_backend,
+                                                           self.data_parallel_size))
 
     def _mm_config(self) -> MultiModalConfig:
         limits = dict(self.limit_mm_per_prompt or {})

@@ -25,6 +25,7 @@ from typing import Any
 from pagoda.config import PagodaConfig
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.core_client import AsyncMPClient
+from pagoda.engine.dp_client import AsyncDPClient
 from pagoda.engine.exceptions import EngineDeadError
 from pagoda.engine.input_processor import make_input_processor
 from pagoda.engine.iteration_stats import IterationStats, StatLogger
@@ -49,7 +50,7 @@ class AsyncLLM:
         self.config = config
         self.model_config = config.model_config
         tokenizer = load_tokenizer_in_background(config.model_config.path)
-        self.engine_core = AsyncMPClient(config)
+        self.engine_core = AsyncDPClient(config) if config.parallel_config.data_parallel_size > 1 else AsyncMPClient(config)
         self.tokenizer = tokenizer.result()
         self.input_processor = make_input_processor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer.backend_tokenizer)

@@ -14,6 +14,7 @@ import itertools
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -109,6 +110,10 @@ class InprocClient(EngineCoreClient):
 
 def make_client(config: PagodaConfig, engine_mode: str) -> EngineCoreClient:
     """The synchronous client for `engine_mode` ("inproc" or "mp")."""
+    if config.parallel_config.data_parallel_size > 1:
+        from pagoda.engine.dp_client import SyncDPClient
+
+        return SyncDPClient(config)
     if engine_mode == "inproc":
         return InprocClient(config)
     if engine_mode == "mp":
@@ -197,6 +202,14 @@ class SyncMPClient(MPClient, EngineCoreClient):
                 self._unconfirmed.pop(request_id, None)
             self._send(EngineCoreRequestType.ABORT, request_ids)
 
+    def has_pending(self) -> bool:
+        """Whether step outputs are buffered (they arrived while a utility call waited)."""
+        return bool(self._pending)
+
+    def receive(self) -> EngineCoreOutputs:
+        """The next message from the engine, whatever it is (resends already handled)."""
+        return self._recv()
+
     def get_output(self) -> EngineCoreOutputs:
         if self._pending:
             return self._pending.popleft()
@@ -258,6 +271,14 @@ class AsyncMPClient(MPClient):
         self._utility_calls: dict[int, asyncio.Future[UtilityOutput]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._dead_error: EngineDeadError | None = None
+        # Where step outputs (and, once, the engine's death) go; a data-parallel client merges several cores.
+        self._deliver: Callable[[EngineCoreOutputs | EngineDeadError], None] = self._outputs.put_nowait
+
+    def deliver_to(self, deliver: Callable[[EngineCoreOutputs | EngineDeadError], None]) -> None:
+        self._deliver = deliver
+
+    def start_reading(self) -> None:
+        self._start_reader()
 
     def _start_reader(self) -> None:
         if self._loop is not None:
@@ -275,7 +296,7 @@ class AsyncMPClient(MPClient):
                 answer = outputs.utility_output
                 if answer is None:
                     if outputs.outputs or not outputs.mm_cache_misses:
-                        self._outputs.put_nowait(outputs)
+                        self._deliver(outputs)
                     continue
                 future = self._utility_calls.pop(answer.call_id, None)
                 if future is not None and not future.done():
@@ -294,7 +315,7 @@ class AsyncMPClient(MPClient):
         assert self._loop is not None
         self._loop.remove_reader(self.engine.process.sentinel)
         self._dead_error = error
-        self._outputs.put_nowait(error)
+        self._deliver(error)
         for future in self._utility_calls.values():
             if not future.done():
                 future.set_exception(error)

@@ -50,6 +50,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         default=defaults.kv_store_load_mode)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
                         help="ranks splitting the model (gloo on CPU, NCCL on CUDA)")
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=defaults.data_parallel_size,
+                        help="engine cores (processes, each with its own scheduler and KV cache) behind one front end")
     parser.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
                         help="where the ranks run (default: mp with more than one rank, else uni)")
     parser.add_argument("--mm-processor-kwargs", type=_json_object, default=None, metavar="JSON",

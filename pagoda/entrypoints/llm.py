@@ -160,6 +160,12 @@ class LLM:
         for tier, counters in (stats.kv_store or {}).items():
             for name, value in counters.items():
                 metrics[f"kv_store.{tier}.{name}"] = value
+        per_engine = getattr(self.llm_engine.engine_core, "per_engine_stats", None)
+        for index, core_stats in enumerate(per_engine() if per_engine is not None else ()):
+            for field in () if core_stats is None else core_stats.__struct_fields__:
+                value = getattr(core_stats, field)
+                if isinstance(value, (int, float)):
+                    metrics[f"dp{index}.{field}"] = float(value)
         for group, counters in {**(stats.multimodal or {}), **self.llm_engine.front_end_mm_metrics()}.items():
             for name, value in counters.items():
                 metrics[f"mm.{group}.{name}"] = value

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import socket
 import threading
 import time
@@ -82,7 +81,7 @@ class MultiprocExecutor(Executor):
         self._broadcast = MessageQueue(num_readers=self.world_size)
         self._workers: list[_WorkerProcess] = []
         context = multiprocessing.get_context("spawn")
-        num_threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        num_threads = config.parallel_config.threads_per_rank
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         config_bytes = msgspec.msgpack.encode(config)
         handle_bytes = msgspec.msgpack.encode(self._broadcast.handle)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -47,7 +46,7 @@ class Worker:
         self.rank = rank
         self.device = device if device is not None else select_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(num_threads or config.parallel_config.threads_per_rank)
         world_size = config.parallel_config.world_size
         if world_size > 1 and init_method is None:
             raise ValueError(f"{world_size} tensor-parallel ranks need an init_method to meet at")
