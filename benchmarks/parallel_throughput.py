@@ -4,8 +4,8 @@ two tensor-parallel ranks; and what one gloo all-reduce of a step's activations 
 Each configuration runs in a fresh child process, one after the other
 (never overlapping), Gemma 3 270M in bf16 with both cores: the in-process
 worker (`uni`), the same single rank in a worker process (`mp`, TP=1: the
-cost of the multiprocess executor; goal ≤ 3%), and TP=2 (`mp`, a rank per
-core). On a 2-core machine TP=2 cannot be faster: each rank gets one core
+cost of the multiprocess executor; goal ≤ 3%), TP=2 (`mp`, a rank per core),
+and DP=2 (two engine cores, one core each, behind one front end). On a 2-core machine TP=2 cannot be faster: each rank gets one core
 for half the work, and every step adds 1 + 2 × 18 + 1 = 38 all-reduces or
 gathers on the critical path; the all-reduce table measures them.
 
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline_throughput import exact_params, random_prompts, warmup_prompts
 from report import write_section
 
-CONFIGS = {"uni, TP=1": ("uni", 1), "mp, TP=1": ("mp", 1), "mp, TP=2": ("mp", 2)}
+# Name -> (executor backend, tensor-parallel size, data-parallel size).
+CONFIGS = {"uni, TP=1": ("uni", 1, 1), "mp, TP=1": ("mp", 1, 1), "mp, TP=2": ("mp", 2, 1), "DP=2": ("uni", 1, 2)}
 # Collectives per step of Gemma 3 270M at TP > 1: the embedding, two per layer (18), the logits gather.
 COLLECTIVES_PER_STEP = 1 + 2 * 18 + 1
 CHILD_TIMEOUT_S = 1800
@@ -37,10 +38,10 @@ CHILD_TIMEOUT_S = 1800
 def child(args: argparse.Namespace) -> None:
     from pagoda import LLM, SamplingParams
 
-    backend, tp = CONFIGS[args.child]
+    backend, tp, dp = CONFIGS[args.child]
     prompts = random_prompts(args.num_requests, args.prompt_len, seed=0)
     llm = LLM(args.model, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=4096,
-              tensor_parallel_size=tp, distributed_executor_backend=backend)
+              tensor_parallel_size=tp, distributed_executor_backend=backend, data_parallel_size=dp)
     llm.generate(warmup_prompts(args.prompt_len), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     started = time.perf_counter()
     outputs = llm.generate(prompts, exact_params(SamplingParams, args.max_tokens), use_tqdm=False)
@@ -117,7 +118,7 @@ def main() -> None:
         if results[name] is None:
             print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
     base = results["uni, TP=1"]
-    rows = ["| executor | output tok/s | ÷ uni TP=1 | first 16 tokens equal uni |", "|---|---|---|---|"]
+    rows = ["| configuration | output tok/s | ÷ uni TP=1 | first 16 tokens equal uni |", "|---|---|---|---|"]
     for name, result in results.items():
         if result is None:
             rows.append(f"| {name} | failed | | |")
