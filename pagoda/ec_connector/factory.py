@@ -11,7 +11,6 @@ agree.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,21 +20,17 @@ from pagoda.core.connector.ec import ECConnectorSchedulerSide, ECConnectorWorker
 from pagoda.ec_connector.keys import EncoderOutputKeys
 from pagoda.ec_connector.scheduler_side import ECConnectorScheduler
 from pagoda.kvstore.build import build_storage_manager
-from pagoda.kvstore.lookup import LookupClient, LookupServer, private_lookup_address
+from pagoda.kvstore.lookup import LookupClient, LookupServer
+from pagoda.kvstore.lookup import with_private_lookup
 
 if TYPE_CHECKING:
     import torch
 
 
 def with_private_ec_lookup_address(config: PagodaConfig) -> tuple[PagodaConfig, str | None]:
-    """The config with an ipc path of its own for the EC lookup pair when it names none, and the folder
-    holding that path (the caller removes it at shutdown); the config unchanged without an EC store."""
-    transfer = config.ec_transfer_config
-    if transfer is None or transfer.lookup_address is not None:
-        return config, None
-    address, folder = private_lookup_address("pagoda-ec-")
-    transfer = dataclasses.replace(transfer, lookup_address=address)
-    return dataclasses.replace(config, ec_transfer_config=transfer), folder
+    """The config with a private ipc path for the EC lookup pair, and its folder (removed by the caller at
+    shutdown); unchanged without an EC store."""
+    return with_private_lookup(config, "ec_transfer_config", "pagoda-ec-")
 
 
 def encoder_output_keys(config: PagodaConfig) -> EncoderOutputKeys:

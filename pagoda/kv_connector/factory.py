@@ -9,7 +9,6 @@ sides derive the same `StoreLayout` from the config, so their keys agree.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from pagoda.config import KVTransferConfig, PagodaConfig
@@ -19,7 +18,8 @@ from pagoda.core.kv_cache_interface import KVCacheConfig
 from pagoda.kv_connector.layout import StoreLayout
 from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
 from pagoda.kvstore.build import build_storage_manager
-from pagoda.kvstore.lookup import LookupClient, LookupServer, private_lookup_address
+from pagoda.kvstore.lookup import LookupClient, LookupServer
+from pagoda.kvstore.lookup import with_private_lookup
 
 if TYPE_CHECKING:
     import torch
@@ -28,14 +28,9 @@ if TYPE_CHECKING:
 
 
 def with_private_lookup_address(config: PagodaConfig) -> tuple[PagodaConfig, str | None]:
-    """The config with an ipc path of its own for the lookup pair when it names none, and the folder
-    holding that path (the caller removes it at shutdown); the config unchanged without a KV store."""
-    transfer = config.kv_transfer_config
-    if transfer is None or transfer.lookup_address is not None:
-        return config, None
-    address, folder = private_lookup_address("pagoda-kv-")
-    transfer = dataclasses.replace(transfer, lookup_address=address)
-    return dataclasses.replace(config, kv_transfer_config=transfer), folder
+    """The config with a private ipc path for the lookup pair, and its folder (removed by the caller at
+    shutdown); unchanged without a KV store."""
+    return with_private_lookup(config, "kv_transfer_config", "pagoda-kv-")
 
 
 def store_layout(config: PagodaConfig, kv_cache_config: KVCacheConfig) -> StoreLayout:

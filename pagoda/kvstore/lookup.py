@@ -14,11 +14,13 @@ because a REQ socket that sent without receiving accepts nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import zmq
@@ -26,18 +28,25 @@ import zmq
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.storage_manager import StorageManager
 
+C = TypeVar("C")
+
 logger = logging.getLogger(__name__)
 
 # How often the server thread checks for close(): the longest close() waits.
 _POLL_INTERVAL_MS = 100
 
 
-
-def private_lookup_address(prefix: str) -> tuple[str, str]:
-    """A fresh ipc:// address for a lookup pair in a private temporary folder, and that folder (the caller
-    removes it at shutdown)."""
+def with_private_lookup(config: C, transfer_field: str, prefix: str) -> tuple[C, str | None]:
+    """`config` with an ipc path of its own for the lookup pair of `config.<transfer_field>` (a frozen
+    dataclass with a `lookup_address`) when it names none, and the private folder holding that path (the
+    caller removes it at shutdown); `config` unchanged when that transfer config is None or has an address."""
+    transfer = getattr(config, transfer_field)
+    if transfer is None or transfer.lookup_address is not None:
+        return config, None
     folder = tempfile.mkdtemp(prefix=prefix)
-    return f"ipc://{folder}/lookup", folder
+    transfer = dataclasses.replace(transfer, lookup_address=f"ipc://{folder}/lookup")
+    return dataclasses.replace(config, **{transfer_field: transfer}), folder
+
 
 class LookupRequest(msgspec.Struct, frozen=True, array_like=True):
     template: CacheEngineKey  # its chunk_hash is unused

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from models.random_models import save_random_model
 from models.dense_attention import DenseAttention, greedy_generate, prefill_logits
 from rank_runner import run_ranks
 
@@ -31,18 +32,6 @@ COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
 PROMPT = [int(t) for t in torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(5))]
 
 
-def _save(folder: Path, config: object) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.data.normal_(0.0, 0.3)
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import Gemma3TextConfig
@@ -51,7 +40,7 @@ def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               query_pre_attn_scalar=24, final_logit_softcapping=3.0,
                               layer_types=["sliding_attention", "full_attention"] * 2,
                               architectures=["Gemma3ForCausalLM"])
-    return _save(tmp_path_factory.mktemp("gemma3"), config)
+    return save_random_model(tmp_path_factory.mktemp("gemma3"), config)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     config = LlamaConfig(**{**COMMON, "hidden_size": 96}, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False,
                          architectures=["LlamaForCausalLM"])
-    return _save(tmp_path_factory.mktemp("llama"), config)
+    return save_random_model(tmp_path_factory.mktemp("llama"), config)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from random_models import save_random_model
 from dense_attention import DenseAttention, prefill_logits
 from safetensors.torch import load_file, save_file
 
@@ -22,19 +23,6 @@ COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
               num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
 
 
-def _save(folder: Path, config: object) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    # Random norms, so that a wrong norm convention cannot hide behind zeros or ones.
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.data.normal_(0.0, 0.3)
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def gemma_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import Gemma3TextConfig
@@ -44,7 +32,7 @@ def gemma_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = Gemma3TextConfig(**COMMON, sliding_window=5, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
                               layer_types=["sliding_attention", "full_attention"] * 2,
                               architectures=["Gemma3ForCausalLM"])
-    return _save(tmp_path_factory.mktemp("gemma3"), config)
+    return save_random_model(tmp_path_factory.mktemp("gemma3"), config)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +42,7 @@ def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     config = LlamaConfig(**COMMON, tie_word_embeddings=False, rope_parameters=rope, architectures=["LlamaForCausalLM"])
-    return _save(tmp_path_factory.mktemp("llama"), config)
+    return save_random_model(tmp_path_factory.mktemp("llama"), config)
 
 
 @pytest.fixture(params=["gemma", "llama"])
