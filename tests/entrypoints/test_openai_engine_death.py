@@ -55,3 +55,33 @@ def test_engine_death_fails_requests_fast_and_health_turns_503(doomed_server):
     health = httpx.get(f"{doomed_server.url}/health", timeout=30)
     assert health.status_code == 503
     assert time.monotonic() - started < ERROR_DEADLINE_S
+
+
+@pytest.fixture(scope="module")
+def server_with_worker_process(tmp_path_factory):
+    """A server whose engine runs its rank in a worker process (`--distributed-executor-backend mp`)."""
+    server = start_server(tmp_path_factory, "--distributed-executor-backend", "mp")
+    yield server
+    server.stop()
+
+
+def test_a_dead_worker_process_fails_requests_fast_and_health_turns_503(server_with_worker_process):
+    import psutil
+
+    server = server_with_worker_process
+    (engine,) = [p for p in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    (worker,) = [p for p in engine.children() if "spawn_main" in " ".join(p.cmdline())]
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
+
+    async def in_flight_then_kill() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            pending = asyncio.ensure_future(client.post("/v1/completions", json=body))
+            await asyncio.sleep(2.0)
+            killed_at = time.monotonic()
+            worker.kill()
+            return await pending, time.monotonic() - killed_at
+
+    response, elapsed = asyncio.run(in_flight_then_kill())
+    assert elapsed < ERROR_DEADLINE_S and response.status_code == 503
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+    engine.wait(ERROR_DEADLINE_S)  # the engine process ended with its worker
