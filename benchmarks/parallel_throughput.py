@@ -9,7 +9,7 @@ and DP=2 (two engine cores, one core each, behind one front end). On a 2-core ma
 for half the work, and every step adds 1 + 2 × 18 + 1 = 38 all-reduces or
 gathers on the critical path; the all-reduce table measures them.
 
-    python benchmarks/parallel_throughput.py [--num-requests 64] [--prompt-len 256] [--max-tokens 128]
+    python benchmarks/parallel_throughput.py [--num-requests 64] [--prompt-len 256] [--max-tokens 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the configurations")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -107,26 +108,34 @@ def main() -> None:
     from pagoda.models.resolve import resolve_model
 
     args.model = str(resolve_model(args.model))
-    results: dict[str, dict | None] = {}
-    for name in CONFIGS:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--child", name, "--model", args.model, "--num-requests",
-                   str(args.num_requests), "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=os.environ.copy())
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        results[name] = json.loads(lines[-1].removeprefix("RESULT ")) if lines else None
-        if results[name] is None:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-    base = results["uni, TP=1"]
-    rows = ["| configuration | output tok/s | ÷ uni TP=1 | first 16 tokens equal uni |", "|---|---|---|---|"]
-    for name, result in results.items():
-        if result is None:
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    # Interleaved rounds: this machine's speed drifts by more than the differences measured here.
+    for round_index in range(args.repeats):
+        for name in CONFIGS:
+            print(f"round {round_index + 1}: running {name} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, __file__, "--child", name, "--model", args.model, "--num-requests",
+                       str(args.num_requests), "--prompt-len", str(args.prompt_len), "--max-tokens",
+                       str(args.max_tokens)]
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                                  env=os.environ.copy())
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if lines:
+                runs[name].append(json.loads(lines[-1].removeprefix("RESULT ")))
+            else:
+                print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+    rates = {name: [r["tokens"] / r["elapsed"] for r in results] for name, results in runs.items()}
+    base = statistics.median(rates["uni, TP=1"]) if rates["uni, TP=1"] else None
+    base_first = runs["uni, TP=1"][0]["first"] if runs["uni, TP=1"] else None
+    rows = ["| configuration | output tok/s, median (min–max) | ÷ uni TP=1 | first 16 tokens equal uni |",
+            "|---|---|---|---|"]
+    for name, values in rates.items():
+        if not values:
             rows.append(f"| {name} | failed | | |")
             continue
-        rate = result["tokens"] / result["elapsed"]
-        ratio = f"{rate / (base['tokens'] / base['elapsed']):.3f}" if base else ""
-        same = "yes" if base and result["first"] == base["first"] else "no"
-        rows.append(f"| {name} | {rate:.1f} | {ratio} | {same} |")
+        rate = statistics.median(values)
+        ratio = f"{rate / base:.3f}" if base else ""
+        same = "yes" if all(r["first"] == base_first for r in runs[name]) else "no"
+        rows.append(f"| {name} | {rate:.1f} ({min(values):.1f}–{max(values):.1f}) | {ratio} | {same} |")
     sizes = [1, 64, 2048]
     timings = measure_all_reduce(sizes, repeats=50)
     reduces = ["| rows × 640 bf16 | one gloo all-reduce (2 ranks) | × 38 per step |", "|---|---|---|"]
@@ -134,7 +143,7 @@ def main() -> None:
         seconds = timings[rows_count]
         reduces.append(f"| {rows_count} | {seconds * 1e6:.0f} µs | {seconds * COLLECTIVES_PER_STEP * 1e3:.1f} ms |")
     body = (f"Gemma 3 270M, bf16, {args.num_requests} × {args.prompt_len} → {args.max_tokens} (greedy, exact "
-            f"lengths), each configuration in a fresh process after a warm-up. TP=2 gives each rank one of the two "
+            f"lengths), each configuration in a fresh process after a warm-up, {args.repeats} interleaved rounds. TP=2 gives each rank one of the two "
             f"cores, so it cannot beat one rank with both; every step also waits for {COLLECTIVES_PER_STEP} "
             f"collectives (the embedding, two per layer, the logits gather):\n\n" + "\n".join(rows) +
             "\n\nOne all-reduce of a step's activations between 2 gloo ranks on loopback (median of 50; a decode "
