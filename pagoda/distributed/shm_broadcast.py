@@ -41,6 +41,7 @@ would cost at most `_RECHECK_S` of latency, never a message.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -317,10 +318,9 @@ def _wake_path(ipc_dir: str, rank: int) -> str:
 
 
 def _wake(fd: int) -> None:
-    try:
+    # A full pipe wakes its reader anyway; a broken one has no reader left: neither is an error.
+    with contextlib.suppress(BlockingIOError, BrokenPipeError):
         os.write(fd, b"\x00")
-    except (BlockingIOError, BrokenPipeError):
-        pass  # a full pipe wakes its reader anyway; a broken one has no reader left
 
 
 def _release_writer(shm: shared_memory.SharedMemory, closed_offset: int, context: zmq.Context,

@@ -19,8 +19,7 @@ from pagoda.config import PagodaConfig
 from pagoda.core.connector.ec import ECConnectorSchedulerSide, ECConnectorWorkerSide
 from pagoda.ec_connector.keys import EncoderOutputKeys
 from pagoda.ec_connector.scheduler_side import ECConnectorScheduler
-from pagoda.kvstore.build import build_storage_manager
-from pagoda.kvstore.lookup import LookupClient, LookupServer
+from pagoda.kvstore.lookup import LookupClient, open_store_with_lookup
 from pagoda.kvstore.lookup import with_private_lookup
 
 if TYPE_CHECKING:
@@ -64,13 +63,7 @@ def make_ec_worker_connector(config: PagodaConfig, device: torch.device) -> ECCo
     assert transfer.lookup_address is not None, "the engine gives the EC lookup pair an address first"
     hidden_size = text_hidden_size(Path(config.model_config.path))
     keys = encoder_output_keys(config)
-    manager = build_storage_manager(transfer.ec_store)
-    try:
-        lookup_server = LookupServer(manager, transfer.lookup_address)
-        lookup_server.start()
-    except BaseException:
-        manager.close()  # the disk tier runs threads: never leave them behind a failed start
-        raise
+    manager, lookup_server = open_store_with_lookup(transfer.ec_store, transfer.lookup_address)
     return ECConnectorWorker(transfer, keys, manager, lookup_server, dtype=getattr(torch, config.model_config.dtype),
                              hidden_size=hidden_size, device=device)
 

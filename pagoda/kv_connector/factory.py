@@ -17,8 +17,7 @@ from pagoda.core.connector.kv import KVConnectorSchedulerSide, KVConnectorWorker
 from pagoda.core.kv_cache_interface import KVCacheConfig
 from pagoda.kv_connector.layout import StoreLayout
 from pagoda.kv_connector.scheduler_side import KVConnectorScheduler
-from pagoda.kvstore.build import build_storage_manager
-from pagoda.kvstore.lookup import LookupClient, LookupServer
+from pagoda.kvstore.lookup import LookupClient, open_store_with_lookup
 from pagoda.kvstore.lookup import with_private_lookup
 
 if TYPE_CHECKING:
@@ -65,11 +64,5 @@ def build_worker_side(transfer: KVTransferConfig, layout: StoreLayout,
     from pagoda.kv_connector.worker_side import KVConnectorWorker
 
     assert transfer.lookup_address is not None, "the engine gives the lookup pair an address first"
-    manager = build_storage_manager(transfer.kv_store)
-    try:
-        lookup_server = LookupServer(manager, transfer.lookup_address)
-        lookup_server.start()
-    except BaseException:
-        manager.close()  # the disk tier runs threads: never leave them behind a failed start
-        raise
+    manager, lookup_server = open_store_with_lookup(transfer.kv_store, transfer.lookup_address)
     return KVConnectorWorker(transfer, layout, layer_kv_caches, manager, lookup_server)

@@ -25,6 +25,7 @@ from typing import TypeVar
 import msgspec
 import zmq
 
+from pagoda.kv_store_spec import KVStoreConfig
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.storage_manager import StorageManager
 
@@ -219,3 +220,17 @@ class LookupClient:
             "KV lookup client: lookup on %s failed (%s); answering 0, so prompts are recomputed until it answers",
             self.address, exc,
         )  # fmt: skip
+
+
+def open_store_with_lookup(store: KVStoreConfig, address: str) -> tuple[StorageManager, LookupServer]:
+    """The store's tiers, and its lookup server started on `address`; nothing left running if either fails."""
+    from pagoda.kvstore.build import build_storage_manager
+
+    manager = build_storage_manager(store)
+    try:
+        server = LookupServer(manager, address)
+        server.start()
+    except BaseException:
+        manager.close()  # the disk tier runs threads: never leave them behind a failed start
+        raise
+    return manager, server
