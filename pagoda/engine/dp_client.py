@@ -25,6 +25,7 @@ from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, Schedul
 
 class _DPClientBase:
     router: DPRouter
+    clients: list[SyncMPClient] | list[AsyncMPClient]
 
     def _split_aborts(self, request_ids: list[str]) -> dict[int, list[str]]:
         by_engine: dict[int, list[str]] = defaultdict(list)
@@ -46,6 +47,16 @@ class _DPClientBase:
 
     def per_engine_stats(self) -> list[SchedulerStatsMessage | None]:
         return list(self.router.stats)
+
+    def _summed(self, per_engine: list[SchedulerStatsMessage]) -> SchedulerStatsMessage:
+        self.router.stats = list(per_engine)
+        summed = self.router.summed_stats()
+        assert summed is not None
+        return summed
+
+    def shutdown(self) -> None:
+        for client in self.clients:
+            client.shutdown()
 
 
 class SyncDPClient(_DPClientBase, EngineCoreClient):
@@ -98,15 +109,7 @@ class SyncDPClient(_DPClientBase, EngineCoreClient):
         return all([client.reset_mm_cache() for client in self.clients])
 
     def get_stats(self) -> SchedulerStatsMessage:
-        for engine, client in enumerate(self.clients):
-            self.router.stats[engine] = client.get_stats()
-        summed = self.router.summed_stats()
-        assert summed is not None
-        return summed
-
-    def shutdown(self) -> None:
-        for client in self.clients:
-            client.shutdown()
+        return self._summed([client.get_stats() for client in self.clients])
 
 
 class AsyncDPClient(_DPClientBase):
@@ -157,15 +160,7 @@ class AsyncDPClient(_DPClientBase):
         return all([await client.reset_mm_cache_async() for client in self.clients])
 
     async def get_stats_async(self) -> SchedulerStatsMessage:
-        for engine, client in enumerate(self.clients):
-            self.router.stats[engine] = await client.get_stats_async()
-        summed = self.router.summed_stats()
-        assert summed is not None
-        return summed
-
-    def shutdown(self) -> None:
-        for client in self.clients:
-            client.shutdown()
+        return self._summed([await client.get_stats_async() for client in self.clients])
 
 
 class _AllEngines:

@@ -146,3 +146,15 @@ def test_limits_on_images_are_enforced_up_front(vision_folder: Path) -> None:
 def test_a_text_model_refuses_images(gemma_llm) -> None:
     with pytest.raises(ValueError, match="takes no images"):
         gemma_llm.generate({"prompt": "<start_of_image>", "multi_modal_data": {"image": noise_image(1)}})
+
+
+def test_processor_options_given_to_llm_apply_to_every_image_unless_a_prompt_overrides(vision_folder: Path) -> None:
+    llm = make_llm(vision_folder, mm_processor_kwargs={"do_pan_and_scan": True})
+    wide = noise_image(4, 1000, 400)  # three Pan-and-Scan crops
+    default = llm.generate({"prompt": "<start_of_image>", "multi_modal_data": {"image": wide}}, CACHED,
+                           use_tqdm=False)[0]
+    off = llm.generate({"prompt": "<start_of_image>", "multi_modal_data": {"image": wide},
+                        "mm_processor_kwargs": {"do_pan_and_scan": False}}, CACHED, use_tqdm=False)[0]
+    llm.shutdown()
+    assert default.prompt_token_ids.count(262144) == 4 * 4, "the original image and its three crops"
+    assert off.prompt_token_ids.count(262144) == 4
