@@ -23,6 +23,14 @@ wake-up, with no ZMQ I/O threads in between. Blocked readers wake at least every
 to notice a closed queue or a dead writer. A writer whose next chunk is
 still unread sleeps with backoff and names the late readers if it times out.
 
+Readers on other machines (`num_remote_readers`, the Ray executor's
+workers on other nodes) cannot map the segment: the writer also publishes
+every message on a TCP (X)PUB socket, framed as kind + payload, and
+`RemoteMessageQueueReader` takes them from a SUB socket in order. TCP gives
+them no back-pressure from the ring (the writer may run ahead of them; the
+executor's calls wait for answers, which bounds it) and no dead-writer
+check by pid (the Ray executor's liveness covers both ends).
+
 Messages are msgpack through msgspec, never pickle (bytes from another
 process are decoded, not executed); readers decode into `msg_type`.
 
@@ -77,6 +85,8 @@ _HEADER = struct.Struct("<I")
 _OVERFLOW = 0xFFFFFFFF
 _PID = struct.Struct("<i")
 _READY = b"ready"
+# The first frame of each message on the remote socket: a payload, the ready signal, or the writer's close.
+_REMOTE_MESSAGE, _REMOTE_READY, _REMOTE_CLOSED = b"m", b"r", b"c"
 # Bytes drained from a wake-up FIFO at once; any number of wake-ups is one wake-up.
 _WAKE_DRAIN_BYTES = 4096
 _ENCODER = msgspec.msgpack.Encoder()
@@ -102,6 +112,9 @@ class MessageQueueHandle(msgspec.Struct, frozen=True):
     num_chunks: int
     ipc_dir: str  # holds the overflow socket ("data") and one wake-up FIFO per reader ("wake-<rank>")
     writer_pid: int
+    # tcp://host:port of the socket readers on other machines subscribe to (None: there are none).
+    remote_address: str | None = None
+    num_remote_readers: int = 0
 
 
 def _fence() -> None:
@@ -149,8 +162,8 @@ class _Layout:
     """Byte offsets inside the segment."""
 
     def __init__(self, num_readers: int, chunk_bytes: int, num_chunks: int) -> None:
-        if num_readers < 1:
-            raise ValueError(f"num_readers must be at least 1, got {num_readers}")
+        if num_readers < 0:
+            raise ValueError(f"num_readers must not be negative, got {num_readers}")
         if not _HEADER.size < chunk_bytes < _OVERFLOW:
             raise ValueError(f"chunk_bytes must be in ({_HEADER.size}, {_OVERFLOW}), got {chunk_bytes}")
         if num_chunks < 1:
@@ -171,7 +184,8 @@ class _Layout:
 
 
 class MessageQueue:
-    """The writer: `enqueue(obj)` broadcasts to `num_readers` readers attached with `MessageQueueReader`.
+    """The writer: `enqueue(obj)` broadcasts to `num_readers` readers attached with `MessageQueueReader`
+    and `num_remote_readers` attached with `RemoteMessageQueueReader` through `remote_host`.
 
     Every reader receives every message once, in enqueue order, whether it went through the ring or the
     overflow socket. The writer never gets more than `num_chunks` messages ahead of its slowest reader.
@@ -179,7 +193,11 @@ class MessageQueue:
     """
 
     def __init__(self, num_readers: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 num_chunks: int = DEFAULT_NUM_CHUNKS, spin_s: float = DEFAULT_SPIN_S) -> None:
+                 num_chunks: int = DEFAULT_NUM_CHUNKS, spin_s: float = DEFAULT_SPIN_S,
+                 num_remote_readers: int = 0, remote_host: str = "127.0.0.1") -> None:
+        if num_remote_readers < 0 or num_readers + num_remote_readers < 1:
+            raise ValueError(f"a queue needs at least one reader, got {num_readers} local and "
+                             f"{num_remote_readers} remote")
         self._layout = layout = _Layout(num_readers, chunk_bytes, num_chunks)
         self._spin_s = spin_s
         self._shm = shared_memory.SharedMemory(create=True, size=layout.size)
@@ -195,14 +213,25 @@ class MessageQueue:
         self._data.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._data.setsockopt(zmq.SNDHWM, 0)  # never drop a payload; the ring bounds how many are queued
         self._data.bind(_data_address(self._ipc_dir))
+        self._num_remote_readers = num_remote_readers
+        self._remote: zmq.Socket | None = None
+        remote_address = None
+        if num_remote_readers:
+            self._remote = self._context.socket(zmq.XPUB)
+            self._remote.setsockopt(zmq.XPUB_VERBOSE, 1)
+            self._remote.setsockopt(zmq.SNDHWM, 0)
+            port = self._remote.bind_to_random_port(f"tcp://{remote_host}")
+            remote_address = f"tcp://{remote_host}:{port}"
         # Also run if the writer is dropped unclosed: the readers learn it is gone either way.
         self._finalizer = weakref.finalize(self, _release_writer, self._shm, layout.closed, self._context,
-                                           self._wake_fds, self._ipc_dir)
+                                           self._wake_fds, self._ipc_dir, self._remote)
         self.handle = MessageQueueHandle(
             shm_name=self._shm.name, num_readers=num_readers, chunk_bytes=chunk_bytes, num_chunks=num_chunks,
-            ipc_dir=self._ipc_dir, writer_pid=os.getpid())
+            ipc_dir=self._ipc_dir, writer_pid=os.getpid(), remote_address=remote_address,
+            num_remote_readers=num_remote_readers)
         self._index = 0
         self._num_subscribed = 0
+        self._num_remote_subscribed = 0
         self._ready = False
         self._cancelled = False
         self._zero_flags = bytes(num_readers)
@@ -212,8 +241,12 @@ class MessageQueue:
         """Blocks until all readers have attached (the first `enqueue` calls it); idempotent."""
         deadline = _deadline(timeout)
         wanted = self._layout.num_readers
+        poller = zmq.Poller()
+        poller.register(self._data, zmq.POLLIN)
+        if self._remote is not None:
+            poller.register(self._remote, zmq.POLLIN)
         while not self._ready:
-            if self._num_subscribed >= wanted:
+            if self._num_subscribed >= wanted and self._num_remote_subscribed >= self._num_remote_readers:
                 # A reader opens its FIFO before it subscribes, so these opens find a reading end.
                 for rank in range(len(self._wake_fds), wanted):
                     try:
@@ -222,16 +255,24 @@ class MessageQueue:
                         raise MessageQueueClosed(f"reader {rank} left before all readers attached") from exc
                 # Sent only now, when every reader is subscribed, so no reader can miss it or what follows.
                 self._data.send(_READY)
+                if self._remote is not None:
+                    self._remote.send(_REMOTE_READY)
                 self._ready = True
                 return
             self._check_usable()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MessageQueueTimeout(f"only {self._num_subscribed} of {wanted} readers attached "
+                remote = (f" and {self._num_remote_subscribed} of {self._num_remote_readers} remote"
+                          if self._num_remote_readers else "")
+                raise MessageQueueTimeout(f"only {self._num_subscribed} of {wanted}{remote} readers attached "
                                           f"within {timeout} s")
             # XPUB_VERBOSE delivers every (un)subscription: b"\x01" + topic, or b"\x00" + topic.
-            if self._data.poll(min(remaining, _RECHECK_S) * 1000) and self._data.recv()[:1] == b"\x01":
-                self._num_subscribed += 1
+            for socket, _ in poller.poll(min(remaining, _RECHECK_S) * 1000):
+                if socket.recv()[:1] == b"\x01":
+                    if socket is self._data:
+                        self._num_subscribed += 1
+                    else:
+                        self._num_remote_subscribed += 1
 
     def enqueue(self, obj: Any, timeout: float | None = None) -> None:
         """Broadcasts `obj` (anything msgspec's msgpack encodes); raises on timeout, cancel or a dead reader."""
@@ -257,6 +298,8 @@ class MessageQueue:
         if overflow:
             # After the marker: a reader that sees the marker waits for this; the socket keeps the order.
             self._data.send(payload, copy=False)
+        if self._remote is not None:
+            self._remote.send_multipart((_REMOTE_MESSAGE, payload), copy=False)
         _fence()  # the written byte is visible before we look at who is waiting
         if buf[layout.waiting:layout.waiting + layout.num_readers] != self._zero_flags:
             for rank in range(layout.num_readers):
@@ -324,12 +367,15 @@ def _wake(fd: int) -> None:
 
 
 def _release_writer(shm: shared_memory.SharedMemory, closed_offset: int, context: zmq.Context,
-                    wake_fds: list[int], ipc_dir: str) -> None:
+                    wake_fds: list[int], ipc_dir: str, remote: zmq.Socket | None) -> None:
     shm.buf[closed_offset] = 1
     _fence()
     for fd in wake_fds:
         _wake(fd)
         os.close(fd)
+    if remote is not None:
+        with contextlib.suppress(zmq.ZMQError):
+            remote.send(_REMOTE_CLOSED)
     context.destroy(linger=_CLOSE_LINGER_MS)
     shm.close()
     shm.unlink()
@@ -496,3 +542,86 @@ def _release_reader(shm: shared_memory.SharedMemory, context: zmq.Context, wake_
         os.close(fd)
     context.destroy(linger=0)
     shm.close()
+
+
+class RemoteMessageQueueReader:
+    """A reader on another machine: the same messages in the same order, from the writer's TCP socket.
+
+    `remote_index` only names the reader in errors; the writer counts remote readers, it does not tell them
+    apart. Used by one thread at a time; only `cancel()` may come from another.
+    """
+
+    def __init__(self, handle: MessageQueueHandle, remote_index: int = 0, msg_type: Any = Any) -> None:
+        if handle.remote_address is None:
+            raise ValueError("this queue has no remote readers (its writer opened no TCP socket)")
+        if not 0 <= remote_index < handle.num_remote_readers:
+            raise ValueError(f"remote_index must be in [0, {handle.num_remote_readers}), got {remote_index}")
+        self._name = f"remote reader {remote_index}"
+        self._decoder = msgspec.msgpack.Decoder(msg_type)
+        self._context: zmq.Context = zmq.Context()
+        self._data = self._context.socket(zmq.SUB)
+        self._data.setsockopt(zmq.RCVHWM, 0)
+        self._data.setsockopt(zmq.SUBSCRIBE, b"")
+        self._data.connect(handle.remote_address)
+        # cancel() writes to this pipe: a ZMQ socket may not be touched from a second thread.
+        self._cancel_rx, self._cancel_tx = os.pipe()
+        os.set_blocking(self._cancel_tx, False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._data, zmq.POLLIN)
+        self._poller.register(self._cancel_rx, zmq.POLLIN)
+        self._cancelled = False
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _release_remote_reader, self._context,
+                                           (self._cancel_rx, self._cancel_tx))
+
+    def dequeue(self, timeout: float | None = None) -> Any:
+        """The next message; raises `MessageQueueTimeout` (nothing consumed) or `MessageQueueClosed`."""
+        deadline = _deadline(timeout)
+        while True:
+            if self._cancelled:
+                raise MessageQueueClosed(f"{self._name} was cancelled")
+            if self._closed or not self._finalizer.alive:
+                raise MessageQueueClosed("the writer closed the message queue")
+            try:
+                kind, *payload = self._data.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MessageQueueTimeout(f"{self._name}: no message within {timeout} s") from None
+                self._poller.poll(min(remaining, _RECHECK_S) * 1000)
+                continue
+            if kind.bytes == _REMOTE_MESSAGE:
+                return self._decoder.decode(payload[0].buffer)
+            if kind.bytes == _REMOTE_CLOSED:
+                self._closed = True
+
+    def cancel(self) -> None:
+        """Makes a blocked or later `dequeue` raise `MessageQueueClosed`; safe from any thread."""
+        self._cancelled = True
+        _wake(self._cancel_tx)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> RemoteMessageQueueReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _release_remote_reader(context: zmq.Context, fds: tuple[int, int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    context.destroy(linger=0)
+
+
+AnyReader = MessageQueueReader | RemoteMessageQueueReader
+
+
+def open_reader(handle: MessageQueueHandle, local_rank: int | None, msg_type: Any = Any,
+                remote_index: int = 0) -> AnyReader:
+    """Attach as local reader `local_rank` through shared memory, or (None) as a remote one through TCP."""
+    if local_rank is None:
+        return RemoteMessageQueueReader(handle, remote_index, msg_type=msg_type)
+    return MessageQueueReader(handle, local_rank, msg_type=msg_type)

@@ -24,6 +24,8 @@ from pagoda.distributed.shm_broadcast import (
     MessageQueueHandle,
     MessageQueueReader,
     MessageQueueTimeout,
+    RemoteMessageQueueReader,
+    open_reader,
 )
 from pagoda.sampling_params import SamplingParams
 
@@ -55,10 +57,13 @@ def message_sizes(count: int, seed: int) -> list[int]:
     return sizes
 
 
-def stress_reader(handle: MessageQueueHandle, rank: int, count: int, seed: int, results) -> None:
+def stress_reader(handle: MessageQueueHandle, rank: int, count: int, seed: int, results,
+                  remote: bool = False) -> None:
+    """Reader `rank` (local, or the rank - num_readers'th remote one through TCP) digests every message."""
     rng = random.Random(seed + 1000 + rank)
     digests = []
-    with MessageQueueReader(handle, rank, msg_type=bytes) as reader:
+    local_rank = None if remote else rank
+    with open_reader(handle, local_rank, msg_type=bytes, remote_index=rank - handle.num_readers) as reader:
         for _ in range(count):
             digests.append(hashlib.blake2b(reader.dequeue(timeout=30)).digest())
             if rng.random() < 0.02:  # now and then a slow reader, so the ring fills up
@@ -92,6 +97,73 @@ def test_every_reader_gets_every_message_in_order(num_readers: int) -> None:
     for rank, digests in received.items():
         assert digests == expected, f"reader {rank} got a message wrong or out of order"
     assert not segment_exists(queue.handle)
+
+
+@pytest.mark.parametrize(("num_local", "num_remote"), [(0, 1), (1, 2)])
+def test_remote_readers_get_every_message_in_order_beside_local_ones(num_local: int, num_remote: int) -> None:
+    count, seed = 1500, 41 + num_remote
+    sizes = message_sizes(count, seed)
+    rng = random.Random(seed)
+    results = SPAWN.Queue()
+    with MessageQueue(num_local, chunk_bytes=CHUNK_BYTES, num_chunks=4, num_remote_readers=num_remote) as queue:
+        assert queue.handle.remote_address is not None
+        assert queue.handle.remote_address.startswith("tcp://127.0.0.1:")
+        readers = [SPAWN.Process(target=stress_reader,
+                                 args=(queue.handle, rank, count, seed, results, rank >= num_local))
+                   for rank in range(num_local + num_remote)]
+        for process in readers:
+            process.start()
+        expected = []
+        for size in sizes:
+            payload = rng.randbytes(size)
+            expected.append(hashlib.blake2b(payload).digest())
+            queue.enqueue(payload, timeout=30)
+        received = dict(results.get(timeout=60) for _ in readers)
+        for process in readers:
+            process.join(10)
+            assert process.exitcode == 0
+    assert sorted(received) == list(range(num_local + num_remote))
+    for rank, digests in received.items():
+        assert digests == expected, f"reader {rank} got a message wrong or out of order"
+    assert not segment_exists(queue.handle)
+
+
+def test_remote_reader_times_out_is_cancelled_and_learns_of_close() -> None:
+    queue = MessageQueue(0, num_remote_readers=1)
+    reader = RemoteMessageQueueReader(queue.handle, 0, msg_type=int)
+    queue.wait_for_readers(timeout=10)
+    started = time.monotonic()
+    with pytest.raises(MessageQueueTimeout, match="remote reader 0: no message within 0.2 s"):
+        reader.dequeue(timeout=0.2)
+    assert time.monotonic() - started < 2
+    queue.enqueue(7)
+    queue.enqueue(8)
+    assert reader.dequeue(timeout=5) == 7
+    queue.close()  # a message sent before close is still delivered, then the close
+    assert reader.dequeue(timeout=5) == 8
+    with pytest.raises(MessageQueueClosed, match="closed"):
+        reader.dequeue(timeout=5)
+    reader.close()
+
+    with MessageQueue(0, num_remote_readers=1) as queue, \
+            RemoteMessageQueueReader(queue.handle, 0) as reader:
+        threading.Timer(0.2, reader.cancel).start()
+        started = time.monotonic()
+        with pytest.raises(MessageQueueClosed, match="cancelled"):
+            reader.dequeue(timeout=10)
+        assert time.monotonic() - started < 2
+
+
+def test_remote_readers_are_refused_where_the_queue_has_none() -> None:
+    with MessageQueue(1) as queue:
+        assert queue.handle.remote_address is None
+        with pytest.raises(ValueError, match="no remote readers"):
+            RemoteMessageQueueReader(queue.handle)
+    with pytest.raises(ValueError, match="at least one reader"):
+        MessageQueue(0)
+    with MessageQueue(0, num_remote_readers=1) as queue:
+        with pytest.raises(ValueError, match=r"remote_index must be in \[0, 1\)"):
+            RemoteMessageQueueReader(queue.handle, 1)
 
 
 class Step(msgspec.Struct, tag=True):
@@ -148,7 +220,7 @@ def test_handle_travels_as_msgpack_and_pickle() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="num_readers"):
+    with pytest.raises(ValueError, match="needs at least one reader, got 0 local and 0 remote"):
         MessageQueue(0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         MessageQueue(1, chunk_bytes=4)
