@@ -137,7 +137,7 @@ class KVTransferConfig:
                  f"kv_store_load_mode must be one of {KV_LOAD_MODES}, got {self.load_mode!r}")
 
 
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class ParallelConfig:
                  f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
                  f"got {self.distributed_executor_backend!r}")
         _require(not (self.distributed_executor_backend == "uni" and self.world_size > 1),
-                 f"distributed_executor_backend 'uni' runs one rank; {self.world_size} need 'mp'")
+                 f"distributed_executor_backend 'uni' runs one rank; {self.world_size} need 'mp' or 'ray'")
 
     @property
     def world_size(self) -> int:

@@ -13,3 +13,9 @@ def cache_dir() -> Path:
 
 def log_level() -> str:
     return os.environ.get("PAGODA_LOG_LEVEL", "INFO").upper()
+
+
+def ray_tcp_only() -> bool:
+    """`PAGODA_RAY_TCP_ONLY=1`: the Ray executor treats every rank as on another machine (TCP queues, no
+    shared memory) — how the multi-node path is exercised on one machine."""
+    return os.environ.get("PAGODA_RAY_TCP_ONLY", "") == "1"

@@ -55,11 +55,16 @@ class Executor(ABC):
 
 
 def executor_class_for(config: PagodaConfig) -> type[Executor]:
-    """The executor `ParallelConfig` asks for: in this process ("uni") or one process per rank ("mp")."""
+    """The executor `ParallelConfig` asks for: in this process ("uni"), one local process per rank ("mp"),
+    or one Ray actor per rank ("ray")."""
     if config.parallel_config.executor_backend == "mp":
         from pagoda.worker.multiproc_executor import MultiprocExecutor
 
         return MultiprocExecutor
+    if config.parallel_config.executor_backend == "ray":
+        from pagoda.worker.ray_executor import RayExecutor
+
+        return RayExecutor
     return UniProcExecutor
 
 

@@ -1,24 +1,18 @@
-"""Worker layer: `MultiprocExecutor` — one worker process per rank, fed through a shared-memory broadcast queue.
+"""Worker layer: `MultiprocExecutor` — one local worker process per rank, fed through a shared-memory broadcast queue.
 
 Start-up: every rank's process is spawned with a ready pipe and a death
 pipe (the worker exits when the executor's end of it closes); each reports
 the queue it answers on, then the broadcast queue waits for all of them.
-A call is enqueued once for every rank; answers come back from each rank,
-or, for `execute_model`, from rank 0 only (every rank ends a step with the
-same sampled tokens). Results are typed per method (`_RESULT_TYPES`).
+The call path is `QueueExecutor`'s.
 
 Failure is loud and quick: a monitor thread watches every worker process;
-one that exits, or stays stopped (SIGSTOP) for `STOPPED_LIMIT_S`, marks the
-executor failed, wakes any call waiting for an answer and stops the other
-workers. A worker whose call raised answers with the error and exits. Every
-call after that raises `ExecutorFailedError`, which ends the engine process
-(`EngineCoreProc`), so the front end reports the engine dead instead of
-hanging or answering for it.
+one that exits, or stays stopped (SIGSTOP) for `STOPPED_LIMIT_S`, fails the
+executor (`QueueExecutor._fail`). A worker whose call raised answers with
+the error and exits.
 """
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import multiprocessing.connection
 import socket
@@ -26,34 +20,16 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import msgspec
 
 from pagoda.config import PagodaConfig
-from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
-from pagoda.core.model_runner_output import ModelRunnerOutput
-from pagoda.core.scheduler_output import SchedulerOutput
-from pagoda.distributed.shm_broadcast import MessageQueue, MessageQueueClosed, MessageQueueReader, MessageQueueTimeout
-from pagoda.worker.executor import Executor
-from pagoda.worker.executor_errors import ExecutorFailedError
-from pagoda.worker.rpc_messages import RpcCall, RpcResult, WireKVCacheConfig, WireSpec, WorkerReady
-from pagoda.worker.worker_process import run_worker
+from pagoda.distributed.shm_broadcast import MessageQueue, MessageQueueReader
+from pagoda.worker.queue_executor import STARTUP_TIMEOUT_S, STOP_GRACE_S, STOPPED_LIMIT_S, QueueExecutor, RankChannel
+from pagoda.worker.rpc_messages import RpcResult, WorkerReady
+from pagoda.worker.worker_process import WorkerStart, run_worker
 
-logger = logging.getLogger(__name__)
-
-STARTUP_TIMEOUT_S = 300.0
-# How long a worker may stay stopped (SIGSTOP) before the executor gives up on it.
-STOPPED_LIMIT_S = 2.0
 _MONITOR_INTERVAL_S = 0.25
-_STOP_GRACE_S = 4.0
-
-_Metrics = dict[str, dict[str, float]] | None
-_RESULT_TYPES: dict[str, Any] = {
-    "load_model": None, "get_kv_cache_spec": list[WireSpec], "determine_available_memory": int,
-    "initialize_kv_cache": None, "execute_model": ModelRunnerOutput, "kv_store_metrics": _Metrics,
-    "mm_metrics": _Metrics, "flush_kv_store": bool, "shutdown": None, "check_health": bool,
-}
 
 
 @dataclass
@@ -62,42 +38,37 @@ class _WorkerProcess:
     process: BaseProcess
     ready_pipe: multiprocessing.connection.Connection
     death_pipe: multiprocessing.connection.Connection
-    responses: MessageQueueReader | None = None
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(QueueExecutor):
     def __init__(self, config: PagodaConfig) -> None:
-        super().__init__(config)
-        self.world_size = config.parallel_config.world_size
-        self.failure: str | None = None
-        self._closing = False
-        self._lock = threading.Lock()
-        self._broadcast = MessageQueue(num_readers=self.world_size)
+        super().__init__(config, MessageQueue(num_readers=config.parallel_config.world_size))
         self._workers: list[_WorkerProcess] = []
         context = multiprocessing.get_context("spawn")
-        num_threads = config.parallel_config.threads_per_rank
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        config_bytes = msgspec.msgpack.encode(config)
-        handle_bytes = msgspec.msgpack.encode(self._broadcast.handle)
+        start = WorkerStart(config=config, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}",
+                            broadcast=self._broadcast.handle, broadcast_slot=0,
+                            num_threads=config.parallel_config.threads_per_rank)
         try:
             for rank in range(self.world_size):
                 ready_reader, ready_writer = context.Pipe(duplex=False)
                 death_reader, death_writer = context.Pipe(duplex=False)
+                rank_start = msgspec.structs.replace(start, rank=rank, broadcast_slot=rank)
                 process = context.Process(
                     target=run_worker, name=f"pagoda-worker-{rank}", daemon=True,
-                    args=(config_bytes, rank, init_method, handle_bytes, ready_writer, death_reader, num_threads))
+                    args=(msgspec.msgpack.encode(rank_start), ready_writer, death_reader))
                 process.start()
                 ready_writer.close()
                 death_reader.close()
                 self._workers.append(_WorkerProcess(rank, process, ready_reader, death_writer))
-            for worker in self._workers:
-                worker.responses = self._wait_ready(worker)
+                self._channels.append(RankChannel(rank))
+            for worker, channel in zip(self._workers, self._channels):
+                channel.responses = self._wait_ready(worker)
             self._broadcast.wait_for_readers(timeout=STARTUP_TIMEOUT_S)
         except BaseException:
             self.shutdown()
@@ -122,43 +93,6 @@ class MultiprocExecutor(Executor):
             raise RuntimeError(f"worker {worker.rank} failed to start: {message.error}")
         return MessageQueueReader(message.responses, 0, msg_type=RpcResult)
 
-    def collective_rpc(self, method: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
-                       reply_rank: int | None = None, timeout: float | None = None) -> list[Any]:
-        if kwargs:
-            raise ValueError(f"{method}: worker calls take no keyword arguments")
-        if self.failure is not None:
-            raise ExecutorFailedError(self.failure)
-        call = RpcCall(method=method, reply_rank=reply_rank, **_argument(method, args))
-        try:
-            self._broadcast.enqueue(call, timeout=timeout)
-        except (MessageQueueClosed, MessageQueueTimeout) as error:
-            raise ExecutorFailedError(self._fail(f"sending {method} to the workers failed: {error}")) from error
-        ranks = range(self.world_size) if reply_rank is None else (reply_rank,)
-        return [self._answer(self._workers[rank], method, timeout) for rank in ranks]
-
-    def _answer(self, worker: _WorkerProcess, method: str, timeout: float | None) -> Any:
-        assert worker.responses is not None
-        try:
-            answer = worker.responses.dequeue(timeout=timeout)
-        except (MessageQueueClosed, MessageQueueTimeout) as error:
-            raise ExecutorFailedError(self.failure or self._fail(f"worker {worker.rank}: {error}")) from error
-        if answer.error is not None:
-            raise ExecutorFailedError(self._fail(f"worker {worker.rank} failed in {method}: {answer.error}"))
-        result_type = _RESULT_TYPES[method]
-        return None if result_type is None else msgspec.msgpack.decode(answer.result, type=result_type)
-
-    def get_kv_cache_spec(self) -> list[KVCacheSpec]:
-        return [spec.to_spec() for spec in self.collective_rpc("get_kv_cache_spec", reply_rank=0)[0]]
-
-    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
-        self.collective_rpc("initialize_kv_cache", (kv_cache_config,))
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.collective_rpc("execute_model", (scheduler_output,), reply_rank=0)[0]
-
-    def check_health(self) -> None:
-        self.collective_rpc("check_health", timeout=10.0)
-
     def _watch_workers(self) -> None:
         sentinels = {worker.process.sentinel: worker for worker in self._workers}
         stopped_since: dict[int, float] = {}
@@ -173,7 +107,7 @@ class MultiprocExecutor(Executor):
                 return
             now = time.monotonic()
             for worker in self._workers:
-                if _is_stopped(worker.process.pid):
+                if is_stopped(worker.process.pid):
                     since = stopped_since.setdefault(worker.rank, now)
                     if now - since >= STOPPED_LIMIT_S:
                         self._fail(f"worker {worker.rank} (pid {worker.process.pid}) has been stopped for "
@@ -182,38 +116,8 @@ class MultiprocExecutor(Executor):
                 else:
                     stopped_since.pop(worker.rank, None)
 
-    def _fail(self, reason: str) -> str:
-        """Mark the executor failed (the first reason wins), wake every waiting call, stop the workers."""
-        with self._lock:
-            if self.failure is not None:
-                return self.failure
-            self.failure = reason
-        logger.error("executor failed: %s", reason)
-        self._broadcast.cancel()
-        for worker in self._workers:
-            if worker.responses is not None:
-                worker.responses.cancel()
-        self._stop_workers()
-        return reason
-
-    def shutdown(self) -> None:
-        if self._closing:
-            return
-        if self.failure is None and all(w.responses is not None for w in self._workers) and self._workers:
-            try:
-                self.collective_rpc("shutdown", timeout=10.0)
-            except ExecutorFailedError as error:
-                logger.warning("workers did not shut down cleanly: %s", error)
-        self._closing = True
-        self._stop_workers(wait_s=_STOP_GRACE_S if self.failure is None else 0.0)
-        for worker in self._workers:
-            if worker.responses is not None:
-                worker.responses.close()
-        self._broadcast.close()
-
     def _stop_workers(self, wait_s: float = 0.0) -> None:
-        """Stop every worker: after `wait_s` for them to end by themselves (a worker answering `shutdown`
-        still closes its queue, which unlinks its shared memory), SIGTERM, then SIGKILL."""
+        """Stop every worker: after `wait_s` for them to end by themselves, SIGTERM, then SIGKILL."""
         deadline = time.monotonic() + wait_s
         for worker in self._workers:
             worker.process.join(max(deadline - time.monotonic(), 0))
@@ -221,7 +125,7 @@ class MultiprocExecutor(Executor):
             worker.death_pipe.close()
             if worker.process.is_alive():
                 worker.process.terminate()
-        deadline = time.monotonic() + _STOP_GRACE_S
+        deadline = time.monotonic() + STOP_GRACE_S
         for worker in self._workers:
             worker.process.join(max(deadline - time.monotonic(), 0))
             if worker.process.is_alive():
@@ -229,19 +133,7 @@ class MultiprocExecutor(Executor):
                 worker.process.join(5)
 
 
-def _argument(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
-    if method == "execute_model":
-        (scheduler_output,) = args
-        return {"scheduler_output": scheduler_output}
-    if method == "initialize_kv_cache":
-        (kv_cache_config,) = args
-        return {"kv_cache_config": WireKVCacheConfig.of(kv_cache_config)}
-    if args:
-        raise ValueError(f"{method}: takes no arguments, got {len(args)}")
-    return {}
-
-
-def _is_stopped(pid: int | None) -> bool:
+def is_stopped(pid: int | None) -> bool:
     """Whether the process is stopped (state T in /proc); False where /proc cannot tell."""
     if pid is None:
         return False
