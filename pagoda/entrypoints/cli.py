@@ -52,8 +52,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="ranks splitting the model (gloo on CPU, NCCL on CUDA)")
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=defaults.data_parallel_size,
                         help="engine cores (processes, each with its own scheduler and KV cache) behind one front end")
-    parser.add_argument("--distributed-executor-backend", choices=["uni", "mp"], default=None,
-                        help="where the ranks run (default: mp with more than one rank, else uni)")
+    parser.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None,
+                        help="where the ranks run: uni (in the engine process), mp (local worker processes), "
+                             "ray (Ray actors, also on other nodes); default mp with more than one rank, else uni")
     parser.add_argument("--mm-processor-kwargs", type=_json_object, default=None, metavar="JSON",
                         help='image processor options for every image, e.g. \'{"do_pan_and_scan": true}\'')
     parser.add_argument("--limit-mm-per-prompt", type=_json_object, default=None, metavar="JSON",
