@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagoda.kv_store_spec import KVStoreConfig
+from pagoda.kv_store_spec import KVStoreConfig, TierSpec
 from pagoda.kvstore.storage_manager import StorageManager
 from pagoda.kvstore.tiers.base import StorageTier
 from pagoda.kvstore.tiers.cpu import CPUTier
@@ -33,12 +33,19 @@ class RankStore:
 SINGLE_PROCESS = RankStore()
 
 
+def shared_writeonly_skipped(spec: TierSpec, rank_store: RankStore) -> bool:
+    """A write-only shared tier is never read, so a rank that does not write the shared tiers leaves it out."""
+    return spec.writeonly and spec.kind != "cpu" and not rank_store.writes_shared
+
+
 def build_storage_manager(config: KVStoreConfig, rank_store: RankStore = SINGLE_PROCESS) -> StorageManager:
     """Open every tier of `config` as `rank_store` says and order them in a StorageManager."""
     tiers: list[StorageTier] = []
     names = config.tier_names()
     try:
         for spec, name in zip(config.tiers, names):
+            if shared_writeonly_skipped(spec, rank_store):
+                continue
             if spec.kind == "cpu":
                 tiers.append(CPUTier(spec.size_bytes or 0, spec.policy))
             elif spec.kind == "disk":
@@ -53,8 +60,8 @@ def build_storage_manager(config: KVStoreConfig, rank_store: RankStore = SINGLE_
         for tier in tiers:  # the disk tier runs threads: never leave them behind a failed build
             tier.close()
         raise
+    opened = [(spec, name) for spec, name in zip(config.tiers, names) if not shared_writeonly_skipped(spec, rank_store)]
     # A rank that does not write the shared tiers keeps only its CPU tier (its own memory) writable.
-    readonly = [name for spec, name in zip(config.tiers, names)
-                if spec.readonly or (not rank_store.writes_shared and spec.kind != "cpu")]
-    writeonly = [name for spec, name in zip(config.tiers, names) if spec.writeonly and name not in readonly]
+    readonly = [name for spec, name in opened if spec.readonly or (not rank_store.writes_shared and spec.kind != "cpu")]
+    writeonly = [name for spec, name in opened if spec.writeonly]
     return StorageManager(tiers, readonly=readonly, writeonly=writeonly)

@@ -131,3 +131,12 @@ def test_an_encoder_output_any_rank_failed_to_load_is_encoded_on_every_rank(tmp_
 class _NoServer:
     def close(self) -> None:
         pass
+
+
+def test_a_reader_rank_leaves_out_a_write_only_shared_tier(tmp_path: Path) -> None:
+    reader = build_storage_manager(parse_kv_store_spec(f"cpu:1MiB,disk:{tmp_path}:16MiB+writeonly"),
+                                   RankStore(writes_shared=False))
+    try:
+        assert [tier.name for tier in reader.tiers] == ["cpu"]
+    finally:
+        reader.close()
