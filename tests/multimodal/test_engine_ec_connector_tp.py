@@ -3,8 +3,8 @@
 An encoder output is whole on every rank: rank 0 alone saves it, once, under
 a one-rank key; a fresh TP=2 engine loads it on both ranks instead of
 encoding, with the same tokens, and so does a one-rank engine (the key does
-not depend on the world size). Rank 0 counts a load only if rank 1 loaded too: an item any rank failed
-to load is encoded by both.
+not depend on the world size). Rank 0's counters speak for rank 1 too: an
+item any rank failed to load is encoded by both.
 """
 
 from __future__ import annotations
