@@ -207,21 +207,21 @@ class KVConnectorWorker:
         for layer in self.layout.layers:  # load_layer never raises: every fault is a short load
             job.load_layer(self.manager, layer, self.kv_caches[layer.layer_index])
 
-    def _agree(self, jobs: list[_LoadJob | None]) -> list[int]:
-        """Per job, the end of the prefix every rank holds complete; -1 for a job (None: an async load still
-        running on this rank) that some rank has not finished.
+    def _agree(self, jobs: list[tuple[_LoadJob, bool]]) -> list[int]:
+        """Per (job, finished here), the end of the prefix every rank holds complete; -1 for a job (an async
+        load) that some rank has not finished.
 
         Each rank proposes its longest complete prefix within the last agreed
         limit and takes the minimum; a rank may hold a prefix up to a longer
         end but not up to the minimum (a sliding-window layer loaded only the
         window of its own end), so the ranks repeat until nobody lowers it.
-        The loop runs the same number of times on every rank: each round
-        every rank sees the same minimum.
+        The limits start at the loads' ends on every rank and each round every
+        rank sees the same minimum, so every rank runs the same rounds.
         """
-        limits = [-1 if job is None else job.spec.end for job in jobs]
+        limits = [job.spec.end for job, _ in jobs]
         while True:
-            proposals = [-1 if job is None or limit < 0 else job.num_complete_tokens(limit)
-                         for job, limit in zip(jobs, limits)]
+            proposals = [job.num_complete_tokens(limit) if finished and limit >= 0 else -1
+                         for (job, finished), limit in zip(jobs, limits)]
             agreed = self.tp.min_over_ranks(proposals, self.kv_caches[0].device)
             if agreed == limits or self.tp.world_size == 1:
                 return agreed
@@ -333,10 +333,10 @@ class KVConnectorWorker:
         # Every rank has the same in-step loads and the same async loads in flight (both come from the
         # scheduler's metadata), in the same order: the agreement's vectors line up.
         async_ids = sorted(self._async_loads)
-        jobs: list[_LoadJob | None] = list(self._sync_jobs)
+        jobs = [(job, True) for job in self._sync_jobs]
         for req_id in async_ids:
             job, future = self._async_loads[req_id]
-            jobs.append(job if future.done() else None)
+            jobs.append((job, future.done()))
         agreed = self._agree(jobs) if jobs else []
         for job, num_computed in zip(self._sync_jobs, agreed):
             finished[job.spec.req_id] = self._finish_job(job, num_computed)

@@ -32,10 +32,10 @@ def make_prompt(seed: int) -> list[int]:
 PROMPT = make_prompt(0)
 
 
-def engine(model_path: Path, tp: int, disk: Path) -> LLM:
+def engine(model_path: Path, tp: int, disk: Path, load_mode: str = "layerwise") -> LLM:
     return LLM(str(model_path), dtype="float32", kv_cache_memory=256 << 20, max_model_len=2048,
                tensor_parallel_size=tp, distributed_executor_backend="mp" if tp > 1 else None,
-               kv_store=f"disk:{disk}:1GiB")
+               kv_store=f"disk:{disk}:1GiB", kv_store_load_mode=load_mode)
 
 
 def run(llm: LLM, prompt: list[int] = PROMPT, metrics: dict[str, float] | None = None):
@@ -74,6 +74,14 @@ def test_a_fresh_tensor_parallel_engine_loads_what_another_saved(model: str, tp:
     assert len(counts) == 1  # every shard holds the same chunks
 
     warm = run(engine(model_paths[model], tp, disk))
+    assert warm.metrics.kv_store_tokens == {"disk": NUM_STORED}
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+
+
+def test_an_async_load_is_reported_once_every_rank_finished_it(smollm_path: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "kv"
+    cold = run(engine(smollm_path, 3, disk, "async"))
+    warm = run(engine(smollm_path, 3, disk, "async"))
     assert warm.metrics.kv_store_tokens == {"disk": NUM_STORED}
     assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
 
