@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ghost_step import ghost_step
 
 from pagoda import LLM, SamplingParams
-from pagoda.core.scheduler_output import CachedRequestData, SchedulerOutput
 from pagoda.worker.executor_errors import ExecutorFailedError
 
 ray = pytest.importorskip("ray")
@@ -129,14 +129,9 @@ def test_an_exception_inside_execute_model_on_a_ray_rank_fails_the_executor(ray_
                                                                           gemma_path: Path) -> None:
     llm = ray_llm(gemma_path, 2)
     executor = executor_of(llm)
-    bad_step = SchedulerOutput(scheduled_new_reqs=[],
-                               scheduled_cached_reqs=CachedRequestData(req_ids=["ghost"],
-                                                                       resumed_from_preemption=[False],
-                                                                       new_block_ids=[None], num_computed_tokens=[0]),
-                               num_scheduled_tokens={"ghost": 1}, total_num_scheduled_tokens=1)
     try:
         with pytest.raises(ExecutorFailedError, match="ghost"):
-            executor.execute_model(bad_step)
+            executor.execute_model(ghost_step())
         with pytest.raises(ExecutorFailedError):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:

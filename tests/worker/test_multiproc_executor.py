@@ -11,9 +11,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ghost_step import ghost_step
 
 from pagoda import LLM, SamplingParams
-from pagoda.core.scheduler_output import CachedRequestData, SchedulerOutput
 from pagoda.engine.exceptions import EngineDeadError
 from pagoda.worker.executor_errors import ExecutorFailedError
 from pagoda.worker.multiproc_executor import MultiprocExecutor
@@ -105,15 +105,9 @@ def test_an_exception_inside_execute_model_fails_the_executor(smollm_path: Path)
     llm = mp_llm(smollm_path)
     executor = llm.llm_engine.engine_core.engine_core.executor
     (worker,) = worker_processes(llm)
-    # A step naming a request the worker never saw: its state update raises.
-    bad_step = SchedulerOutput(scheduled_new_reqs=[],
-                               scheduled_cached_reqs=CachedRequestData(req_ids=["ghost"],
-                                                                       resumed_from_preemption=[False],
-                                                                       new_block_ids=[None], num_computed_tokens=[0]),
-                               num_scheduled_tokens={"ghost": 1}, total_num_scheduled_tokens=1)
     try:
         with pytest.raises(ExecutorFailedError, match="ghost"):
-            executor.execute_model(bad_step)
+            executor.execute_model(ghost_step())
         worker.wait(10)  # a worker whose call raised ends
         with pytest.raises(ExecutorFailedError):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
