@@ -19,3 +19,8 @@ def ray_tcp_only() -> bool:
     """`PAGODA_RAY_TCP_ONLY=1`: the Ray executor treats every rank as on another machine (TCP queues, no
     shared memory) — how the multi-node path is exercised on one machine."""
     return os.environ.get("PAGODA_RAY_TCP_ONLY", "") == "1"
+
+
+def cuda_visible_devices() -> str | None:
+    """`CUDA_VISIBLE_DEVICES` as set (None: unset; "" or "-1" hides every GPU)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

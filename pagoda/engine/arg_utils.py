@@ -26,6 +26,7 @@ from pagoda.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from pagoda.engine.auto_dtype import resolve_dtype
 from pagoda.kv_store_spec import parse_kv_store_spec
 from pagoda.models.hf_config import check_tensor_parallel_size, mm_info, text_config
 from pagoda.models.identity import model_identity
@@ -33,9 +34,6 @@ from pagoda.models.resolve import resolve_model
 
 # Where `LLM` runs EngineCore: in this process, or in its own. AsyncLLM always uses its own.
 ENGINE_MODES = ("inproc", "mp")
-
-# On the CPU, bf16 runs on AMX where available and halves memory traffic.
-_AUTO_DTYPE = "bfloat16"
 
 
 @dataclass
@@ -109,7 +107,7 @@ class EngineArgs:
             model=self.model,
             path=str(path),
             architecture=(hf_config.get("architectures") or ["unknown"])[0],
-            dtype=_AUTO_DTYPE if self.dtype == "auto" else self.dtype,
+            dtype=resolve_dtype(self.dtype),
             max_model_len=max_model_len,
             vocab_size=int(decoder_config["vocab_size"]),
             eos_token_ids=eos_ids,
