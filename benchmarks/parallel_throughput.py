@@ -2,7 +2,8 @@
 two tensor-parallel ranks; and what one gloo all-reduce of a step's activations costs here.
 
 Each configuration runs in a fresh child process, one after the other
-(never overlapping), Gemma 3 270M in bf16 with both cores: the in-process
+(never overlapping), Gemma 3 270M in `--dtype` (auto: bf16, or float32 on a CPU without native bf16) with
+both cores: the in-process
 worker (`uni`), the same single rank in a worker process (`mp`, TP=1: the
 cost of the multiprocess executor; goal ≤ 3%), TP=2 (`mp`, a rank per core),
 and DP=2 (two engine cores, one core each, behind one front end). On a 2-core machine TP=2 cannot be faster: each rank gets one core
@@ -10,6 +11,7 @@ for half the work, and every step adds 1 + 2 × 18 + 1 = 38 all-reduces or
 gathers on the critical path; the all-reduce table measures them.
 
     python benchmarks/parallel_throughput.py [--num-requests 64] [--prompt-len 256] [--max-tokens 128] [--repeats 3]
+        [--dtype auto] [--config NAME ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
 
     backend, tp, dp = CONFIGS[args.child]
     prompts = random_prompts(args.num_requests, args.prompt_len, seed=0)
-    llm = LLM(args.model, dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=4096,
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=len(prompts), max_model_len=4096,
               tensor_parallel_size=tp, distributed_executor_backend=backend, data_parallel_size=dp)
     llm.generate(warmup_prompts(args.prompt_len), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     started = time.perf_counter()
@@ -52,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
                                   "first": outputs[0].outputs[0].token_ids[:16]}), flush=True)
 
 
-def all_reduce_rank(rank: int, port: int, sizes: list[int], repeats: int, results) -> None:
+def all_reduce_rank(rank: int, port: int, sizes: list[int], repeats: int, dtype: str, results) -> None:
     import torch
     import torch.distributed as dist
 
@@ -60,7 +62,7 @@ def all_reduce_rank(rank: int, port: int, sizes: list[int], repeats: int, result
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     timings = {}
     for rows in sizes:
-        x = torch.randn(rows, 640, dtype=torch.bfloat16)
+        x = torch.randn(rows, 640, dtype=getattr(torch, dtype))
         for _ in range(5):
             dist.all_reduce(x)
         samples = []
@@ -75,7 +77,7 @@ def all_reduce_rank(rank: int, port: int, sizes: list[int], repeats: int, result
         results.put(timings)
 
 
-def measure_all_reduce(sizes: list[int], repeats: int) -> dict[int, float]:
+def measure_all_reduce(sizes: list[int], repeats: int, dtype: str) -> dict[int, float]:
     import multiprocessing
     import socket
 
@@ -84,7 +86,7 @@ def measure_all_reduce(sizes: list[int], repeats: int) -> dict[int, float]:
         port = sock.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    ranks = [context.Process(target=all_reduce_rank, args=(rank, port, sizes, repeats, results)) for rank in (0, 1)]
+    ranks = [context.Process(target=all_reduce_rank, args=(rank, port, sizes, repeats, dtype, results)) for rank in (0, 1)]
     for process in ranks:
         process.start()
     timings = results.get(timeout=600)
@@ -100,22 +102,29 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the configurations")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--config", action="append", choices=list(CONFIGS),
+                        help="run only these configurations (default: all; 'uni, TP=1' is always run: the base)")
+    parser.add_argument("--no-write", action="store_true", help="print the tables only (for trial runs)")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
+    from pagoda.engine.auto_dtype import resolve_dtype
     from pagoda.models.resolve import resolve_model
 
     args.model = str(resolve_model(args.model))
-    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    args.dtype = resolve_dtype(args.dtype)
+    names = [name for name in CONFIGS if name == "uni, TP=1" or not args.config or name in args.config]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     # Interleaved rounds: this machine's speed drifts by more than the differences measured here.
     for round_index in range(args.repeats):
-        for name in CONFIGS:
+        for name in names:
             print(f"round {round_index + 1}: running {name} ...", file=sys.stderr, flush=True)
             command = [sys.executable, __file__, "--child", name, "--model", args.model, "--num-requests",
                        str(args.num_requests), "--prompt-len", str(args.prompt_len), "--max-tokens",
-                       str(args.max_tokens)]
+                       str(args.max_tokens), "--dtype", args.dtype]
             proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
                                   env=os.environ.copy())
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -137,19 +146,23 @@ def main() -> None:
         same = "yes" if all(r["first"] == base_first for r in runs[name]) else "no"
         rows.append(f"| {name} | {rate:.1f} ({min(values):.1f}–{max(values):.1f}) | {ratio} | {same} |")
     sizes = [1, 64, 2048]
-    timings = measure_all_reduce(sizes, repeats=50)
-    reduces = ["| rows × 640 bf16 | one gloo all-reduce (2 ranks) | × 38 per step |", "|---|---|---|"]
+    timings = measure_all_reduce(sizes, repeats=50, dtype=args.dtype)
+    reduces = [f"| rows × 640 {args.dtype} | one gloo all-reduce (2 ranks) | × 38 per step |", "|---|---|---|"]
     for rows_count in sizes:
         seconds = timings[rows_count]
         reduces.append(f"| {rows_count} | {seconds * 1e6:.0f} µs | {seconds * COLLECTIVES_PER_STEP * 1e3:.1f} ms |")
-    body = (f"Gemma 3 270M, bf16, {args.num_requests} × {args.prompt_len} → {args.max_tokens} (greedy, exact "
+    body = (f"Gemma 3 270M, {args.dtype}, {args.num_requests} × {args.prompt_len} → {args.max_tokens} (greedy, exact "
             f"lengths), each configuration in a fresh process after a warm-up, {args.repeats} interleaved rounds. TP=2 gives each rank one of the two "
             f"cores, so it cannot beat one rank with both; every step also waits for {COLLECTIVES_PER_STEP} "
             f"collectives (the embedding, two per layer, the logits gather):\n\n" + "\n".join(rows) +
             "\n\nOne all-reduce of a step's activations between 2 gloo ranks on loopback (median of 50; a decode "
             "step of 64 sequences reduces 64 rows, a prefill chunk up to 2048):\n\n" + "\n".join(reduces))
     print(body)
-    write_section("Parallel: executors and tensor parallelism on the reference workload", body,
+    if args.no_write:
+        return
+    # One section per dtype: a float32 run (a CPU without native bf16) must not replace the bf16 table.
+    title = "Parallel: executors and tensor parallelism on the reference workload"
+    write_section(title if args.dtype == "bfloat16" else f"{title} ({args.dtype})", body,
                   "python benchmarks/parallel_throughput.py " + " ".join(sys.argv[1:]))
 
 

@@ -27,7 +27,18 @@ def machine_description() -> str:
         memory = f", {kib / 2**20:.0f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    return f"{model}, {os.cpu_count()} cores{memory}"
+    return f"{model}{vector_units()}, {os.cpu_count()} cores{memory}"
+
+
+def vector_units() -> str:
+    """The CPU's widest matrix/vector units, because machines sold under one model name differ here (the
+    project's AMD EPYC machines have been AVX-512 with BF16 and AVX2 only)."""
+    from pagoda.engine.auto_dtype import cpu_flags
+
+    flags = cpu_flags() or frozenset()
+    names = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512_BF16"), ("avx512f", "AVX-512"),
+                                     ("avx2", "AVX2")) if flag in flags]
+    return f" ({names[0]})" if names else ""
 
 
 def write_section(title: str, body: str, command: str, doc: Path = DOC, header: str = HEADER) -> None:
