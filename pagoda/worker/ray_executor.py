@@ -103,6 +103,15 @@ def connect_ray() -> bool:
     return True
 
 
+def _death_reason(error: Exception) -> str:
+    """Why an actor's serve loop ended: the exception it raised where Ray carries one, else Ray's own error."""
+    cause = getattr(error, "cause", None)  # RayTaskError wraps what the actor raised
+    if isinstance(cause, BaseException):
+        return f"raised {type(cause).__name__}: {cause}"
+    text = str(error)
+    return f"died: {type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class RayExecutor(QueueExecutor):
     def __init__(self, config: PagodaConfig) -> None:
         try:
@@ -192,7 +201,7 @@ class RayExecutor(QueueExecutor):
                     ray.get(done[0], timeout=1.0)
                     reason = "stopped serving"
                 except Exception as error:  # Ray's actor errors: died, crashed, node lost
-                    reason = f"died: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    reason = _death_reason(error)
                 self._fail(f"worker {rank} (Ray actor) {reason}")
                 return
             now = time.monotonic()

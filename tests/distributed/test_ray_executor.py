@@ -22,7 +22,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.worker.executor_errors import ExecutorFailedError
 
 ray = pytest.importorskip("ray")
-from pagoda.worker.ray_executor import LOCAL_RAY_IP, RayExecutor  # noqa: E402
+from pagoda.worker.ray_executor import LOCAL_RAY_IP, RayExecutor, _death_reason  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -136,6 +136,14 @@ def test_an_exception_inside_execute_model_on_a_ray_rank_fails_the_executor(ray_
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
+
+
+def test_a_rank_that_raised_is_reported_with_what_it_raised_not_rays_wrapper() -> None:
+    # Whichever rank's failure the executor sees first, the user must read the actor's own exception.
+    wrapped = ray.exceptions.RayTaskError("RayRank.serve", "Traceback ...\nKeyError: 'ghost'", KeyError("ghost"))
+    assert _death_reason(wrapped) == "raised KeyError: 'ghost'"
+    died = ray.exceptions.ActorDiedError()
+    assert _death_reason(died).startswith("died: ActorDiedError: ")
 
 
 def test_a_cluster_too_small_for_the_ranks_is_named(ray_cluster: str, smollm_path: Path,

@@ -32,6 +32,7 @@ from pagoda.entrypoints.openai.unsupported import UNSUPPORTED
 # spending minutes decoding; requests past the context still reach the server as generated.
 MAX_FUZZ_TOKENS = 4
 _CONTEXT = 2048  # the fuzzed server's --max-model-len (openai_server_helpers.SERVER_ARGS)
+SERVED_MODEL = "smollm2-135m"  # the fuzzed server's model (openai_server_helpers.MODEL)
 _GENERATING_PATHS = ("/v1/completions", "/v1/chat/completions")
 _ERROR_KEYS = {"message", "type", "param", "code"}
 _SLOT = "__fuzz_slot__"
@@ -55,7 +56,7 @@ def fuzz_schema() -> Any:
     """Schemathesis' view of the server's own OpenAPI schema (building the app starts no engine)."""
     import schemathesis
 
-    app = create_app(EngineArgs(model="smollm2-135m"), ["smollm2-135m"])
+    app = create_app(EngineArgs(model=SERVED_MODEL), [SERVED_MODEL])
     return schemathesis.openapi.from_dict(app.openapi())
 
 
@@ -83,6 +84,17 @@ def _cap_generation(body: dict[str, Any], draw: st.DrawFn) -> None:
         body["max_tokens"] = draw(st.integers(1, MAX_FUZZ_TOKENS))
 
 
+def _steer_to_engine(body: dict[str, Any], draw: st.DrawFn) -> None:
+    """Drops what a schema-valid body can still be refused for: parameters Pagoda refuses, another model's
+    name, token ids past the vocabulary, an empty prompt."""
+    for name in [entry.name for entry in UNSUPPORTED] + ["best_of", "add_special_tokens", "stop_token_ids"]:
+        body.pop(name, None)
+    if "model" in body:
+        body["model"] = SERVED_MODEL
+    if "prompt" in body and not (isinstance(body["prompt"], str) and body["prompt"]):
+        body["prompt"] = draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=40))
+
+
 @st.composite
 def fuzz_requests(draw: st.DrawFn, schema: Any) -> FuzzRequest:
     """One request for any route: schema-positive or schema-negative, maybe with a hostile field or content type."""
@@ -96,11 +108,10 @@ def fuzz_requests(draw: st.DrawFn, schema: Any) -> FuzzRequest:
         return FuzzRequest(case.method.upper(), path, bytes(body), case.media_type)
     if isinstance(body, dict) and path in _GENERATING_PATHS:
         _cap_generation(body, draw)
-        # Positive bodies mostly set some parameter Pagoda refuses; without them (three times in four)
-        # they reach the engine.
+        # Positive bodies mostly break some rule the schema cannot state; steered past those (three times
+        # in four) they reach the engine.
         if mode == GenerationMode.POSITIVE and draw(st.integers(0, 3)) > 0:
-            for name in [entry.name for entry in UNSUPPORTED] + ["best_of", "add_special_tokens"]:
-                body.pop(name, None)
+            _steer_to_engine(body, draw)
     content_type = "application/json"
     text = json.dumps(body)
     if isinstance(body, dict) and draw(st.booleans()):
