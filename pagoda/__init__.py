@@ -14,6 +14,7 @@ _EXPORTS = {
     "AsyncLLM": "pagoda.engine.async_llm",
     "EngineArgs": "pagoda.engine.arg_utils",
     "SamplingParams": "pagoda.sampling_params",
+    "StructuredOutputsParams": "pagoda.sampling_params",
     "RequestOutputKind": "pagoda.sampling_params",
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",

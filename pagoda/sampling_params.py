@@ -8,7 +8,9 @@ size, max_model_len) run in the engine's `InputProcessor`.
 
 from __future__ import annotations
 
+import json
 from enum import IntEnum
+from typing import Any
 
 import msgspec
 
@@ -22,6 +24,56 @@ class RequestOutputKind(IntEnum):
     CUMULATIVE = 0  # the whole text and all tokens so far
     DELTA = 1  # only what is new since the previous output
     FINAL_ONLY = 2  # a single output when the request finishes
+
+
+class StructuredOutputsParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A constraint on the generated text (names follow vLLM's): exactly one of the first five is set.
+
+    `json` is a JSON schema, as an object or its text (kept as text, in its own key order, which is the
+    order the output's properties follow); `grammar` is EBNF in the GBNF dialect xgrammar reads.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False  # any JSON object, no schema
+    disable_any_whitespace: bool = False  # JSON without free whitespace between tokens
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = json.dumps(self.json)
+        chosen = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        chosen += ["json_object"] if self.json_object else []
+        if len(chosen) != 1:
+            raise ValueError("SamplingParams.structured_outputs must set exactly one of json, regex, choice, "
+                             f"grammar or json_object, got {', '.join(chosen) if chosen else 'none'}")
+        if self.choice is not None:
+            _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice),
+                   "structured_outputs.choice", "must be a non-empty list of non-empty strings")
+        if self.json is not None:
+            try:
+                schema = json.loads(self.json)
+            except ValueError as error:
+                raise ValueError(f"SamplingParams.structured_outputs.json is not valid JSON: {error}") from None
+            _check(isinstance(schema, (dict, bool)), "structured_outputs.json",
+                   f"must be a JSON schema (an object), got {type(schema).__name__}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, regex, choice, grammar or json_object."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """What identifies the compiled grammar: equal keys, one compilation."""
+        spec = {"json": self.json, "regex": self.regex, "grammar": self.grammar, "json_object": ""}.get(self.kind)
+        if self.choice is not None:
+            spec = json.dumps(self.choice)
+        return self.kind, spec or "", self.disable_any_whitespace
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -48,6 +100,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     # OpenAI semantics: token id -> value added to that token's logit before sampling.
     logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

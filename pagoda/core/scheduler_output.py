@@ -36,6 +36,17 @@ class CachedRequestData(msgspec.Struct, kw_only=True):
     num_computed_tokens: list[int] = msgspec.field(default_factory=list)
 
 
+class GrammarBitmask(msgspec.Struct, kw_only=True):
+    """The allowed next tokens of this step's constrained requests (structured output).
+
+    `words` holds, per request in `req_ids`' order, ceil(vocab_size / 32)
+    little-endian int32 words; bit j of word i allows token 32 * i + j.
+    """
+
+    req_ids: list[str]
+    words: bytes
+
+
 class SchedulerOutput(msgspec.Struct, kw_only=True):
     scheduled_new_reqs: list[NewRequestData]
     scheduled_cached_reqs: CachedRequestData
@@ -52,3 +63,5 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     free_encoder_mm_hashes: list[str] = msgspec.field(default_factory=list)
     # What the encoder-cache connector's worker side loads this step (None without one).
     ec_connector_metadata: ECConnectorMetadata | None = None
+    # Allowed next tokens of the requests under a grammar that sample this step (None: no such request).
+    grammar_bitmask: GrammarBitmask | None = None

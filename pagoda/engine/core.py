@@ -12,18 +12,23 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from pagoda.config import PagodaConfig
 from pagoda.core.outputs import EngineCoreOutput, FinishReason
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.kv_cache_sizing import blocks_per_request, size_kv_cache
+from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStatsMessage
 from pagoda.ec_connector.factory import make_ec_scheduler_connector, with_private_ec_lookup_address
 from pagoda.kv_connector.factory import make_scheduler_connector, with_private_lookup_address
+from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.executor import Executor, executor_class_for
 
 logger = logging.getLogger(__name__)
+
+_GRAMMAR_POLL_S = 0.02  # how long an otherwise idle step waits for a grammar being compiled
 
 
 class EngineCore:
@@ -52,6 +57,9 @@ class EngineCore:
                                    kv_connector=make_scheduler_connector(config, kv_cache_config),
                                    enable_multimodal=mm_tokens_per_image is not None,
                                    ec_connector=make_ec_scheduler_connector(config))
+        self.structured_output = StructuredOutputManager(config.model_config, config.scheduler_config.max_num_seqs)
+        # Constrained requests whose grammar is still compiling: they join the scheduler when it is ready.
+        self._awaiting_grammar: dict[str, tuple[Request, Future]] = {}
         max_len = config.scheduler_config.max_model_len
         blocks_needed = blocks_per_request(kv_cache_config, max_len, config.scheduler_config.max_num_batched_tokens)
         if blocks_needed > kv_cache_config.num_blocks - 1:
@@ -70,7 +78,8 @@ class EngineCore:
         )
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(
+        constraint = request.sampling_params.structured_outputs
+        scheduled = (
             Request(
                 request_id=request.request_id,
                 prompt_token_ids=request.prompt_token_ids,
@@ -82,21 +91,87 @@ class EngineCore:
                 mm_features=request.mm_features,
             )
         )
+        if constraint is None:
+            self.scheduler.add_request(scheduled)
+        else:
+            self._awaiting_grammar[request.request_id] = (scheduled, self.structured_output.compile(constraint))
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._awaiting_grammar.pop(request_id, None)
+            self.structured_output.free(request_id)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def step(self) -> EngineCoreOutputs:
+        outputs = self._admit_compiled()
         if not self.scheduler.has_unfinished_requests():
-            return EngineCoreOutputs()
+            return EngineCoreOutputs(outputs=outputs)
         scheduler_output = self.scheduler.schedule()
+        if self.structured_output.num_matchers:
+            scheduler_output.grammar_bitmask = self.structured_output.bitmask(self._sampling_request_ids(
+                scheduler_output))
         model_output = self.executor.execute_model(scheduler_output)
-        outputs: list[EngineCoreOutput] = self.scheduler.update_from_output(scheduler_output, model_output)
+        outputs += self.scheduler.update_from_output(scheduler_output, model_output)
+        if self.structured_output.num_matchers:
+            self._advance_grammars(outputs)
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Move constrained requests whose grammar is ready into the scheduler; fail those whose grammar failed.
+
+        With nothing else to run, waits a little for a compilation rather than spinning the loop.
+        """
+        if not self._awaiting_grammar:
+            return []
+        if not self.scheduler.has_unfinished_requests():
+            wait([future for _, future in self._awaiting_grammar.values()], timeout=_GRAMMAR_POLL_S,
+                 return_when=FIRST_COMPLETED)
+        outputs: list[EngineCoreOutput] = []
+        for request_id, (request, future) in list(self._awaiting_grammar.items()):
+            if not future.done():
+                continue
+            del self._awaiting_grammar[request_id]
+            error = future.exception()
+            if error is not None:
+                outputs.append(EngineCoreOutput(request_id=request_id, new_token_ids=[],
+                                                finish_reason=FinishReason.ERROR, error=str(error)))
+                continue
+            self.structured_output.start(request_id, future.result())
+            self.scheduler.add_request(request)
+        return outputs
+
+    def _sampling_request_ids(self, scheduler_output: SchedulerOutput) -> list[str]:
+        """The scheduled requests that sample a token this step (their prompt is computed by its end)."""
+        requests = self.scheduler.requests
+        return [request_id for request_id in scheduler_output.num_scheduled_tokens
+                if self.structured_output.is_constrained(request_id)
+                and requests[request_id].num_computed_tokens >= requests[request_id].num_tokens]
+
+    def _advance_grammars(self, outputs: list[EngineCoreOutput]) -> None:
+        """Feed each constrained request's new tokens to its matcher; stop it where its grammar is complete."""
+        for output in outputs:
+            request_id = output.request_id
+            if not self.structured_output.is_constrained(request_id):
+                continue
+            problem = self.structured_output.accept(request_id, output.new_token_ids) if output.new_token_ids else None
+            if output.finished:
+                self.structured_output.free(request_id)
+            elif problem == "complete":  # under ignore_eos: the grammar's end-of-sequence was not taken as one
+                self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED)
+                self.structured_output.free(request_id)
+                output.finish_reason = FinishReason.STOP
+            elif problem == "rejected":
+                output.error = f"structured output: {self.structured_output.rejection(request_id)}"
+                self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ERROR)
+                self.structured_output.free(request_id)
+                output.finish_reason = FinishReason.ERROR
 
     def fail_requests(self, error: str) -> EngineCoreOutputs:
         """Finish every unfinished request with `FinishReason.ERROR` (a step raised), freeing its blocks."""
-        request_ids = list(self.scheduler.requests)
+        request_ids = list(self.scheduler.requests) + list(self._awaiting_grammar)
+        self._awaiting_grammar.clear()
+        for request_id in request_ids:
+            self.structured_output.free(request_id)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
         outputs = [
             EngineCoreOutput(request_id=request_id, new_token_ids=[], finish_reason=FinishReason.ERROR, error=error)
@@ -108,7 +183,7 @@ class EngineCore:
         stats = self.scheduler.make_stats()
         return SchedulerStatsMessage(
             num_running_reqs=stats.num_running_reqs,
-            num_waiting_reqs=stats.num_waiting_reqs,
+            num_waiting_reqs=stats.num_waiting_reqs + len(self._awaiting_grammar),
             kv_cache_usage=stats.kv_cache_usage,
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
@@ -124,7 +199,7 @@ class EngineCore:
         return {"encoder_cache": manager.metrics(), **(self.executor.mm_metrics() or {})}
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return bool(self._awaiting_grammar) or self.scheduler.has_unfinished_requests()
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.reset_prefix_cache()
@@ -133,6 +208,7 @@ class EngineCore:
         return self.executor.flush_kv_store()
 
     def shutdown(self) -> None:
+        self.structured_output.shutdown()
         self.scheduler.shutdown()
         self.executor.shutdown()
         for folder in (self._lookup_dir, self._ec_lookup_dir):

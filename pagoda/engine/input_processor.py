@@ -17,6 +17,7 @@ import time
 
 from typing import Any
 
+from pagoda.structured_output.grammar import check_structured_outputs
 from pagoda.config import ModelConfig, PagodaConfig, SchedulerConfig
 from pagoda.core.multimodal import MultiModalFeature
 from pagoda.engine.messages import EngineCoreRequest
@@ -136,6 +137,8 @@ class InputProcessor:
         bad = [t for t in params.logit_bias or () if t >= vocab_size]
         if bad:
             raise ValueError(f"logit_bias: {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        if params.structured_outputs is not None:
+            check_structured_outputs(params.structured_outputs)
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(params, field)
             if value is not None and value > MAX_LOGPROBS:

@@ -46,7 +46,7 @@ from pagoda.worker.input_batch import CachedRequestState, InputBatch
 from pagoda.worker.kv_cache_memory import allocate_kv_tensor
 from pagoda.worker.kv_connector_attention import ConnectorAttention
 from pagoda.worker.sampler import Sampler, gather_logprobs
-from pagoda.worker.sampling_metadata import build_sampling_metadata
+from pagoda.worker.sampling_metadata import build_sampling_metadata, grammar_rows
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logits_indices],
                                                out=self._sampling_logits_buffer(len(inputs.sample_rows)))
             metadata = build_sampling_metadata(batch, inputs.sample_rows, self.device)
+            if scheduler_output.grammar_bitmask is not None:
+                metadata.grammar_bitmask = grammar_rows(scheduler_output.grammar_bitmask,
+                                                        [batch.req_ids[row] for row in inputs.sample_rows.tolist()],
+                                                        self.device)
             output = self.sampler(logits, metadata)
             token_ids = output.token_ids.tolist()
             for i, row in enumerate(inputs.sample_rows.tolist()):

@@ -1,6 +1,7 @@
 """Worker layer: picks the next token for every sampling row of the batch at once.
 
-Order of operations (as in vLLM): logprobs from the raw logits, then logit
+Order of operations (as in vLLM): structured output's grammar bitmask (tokens
+a row's grammar forbids get -inf), logprobs from those logits, then logit
 bias, then penalties, then greedy or temperature → min-p → top-k → top-p → a
 draw by the exponential race `argmax(p / Exp(1))`, which needs no sort and no host sync.
 Rows with a `seed` draw their noise from their own generator, so their text
@@ -36,6 +37,8 @@ class SamplingMetadata:
     max_num_logprobs: int | None  # None: no row wants logprobs
     # Sparse logit bias: (rows [B], token ids [B], values [B]) over all biased entries.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Structured output: (rows [G], bitmask [G, ceil(V / 32)] int32) of the rows under a grammar.
+    grammar_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -46,7 +49,7 @@ class SamplerOutput:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
+        logits = apply_grammar_bitmask(logits.float(), metadata)
         raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
         logits = apply_logit_bias(logits, metadata)
         logits = apply_penalties(logits, metadata)
@@ -75,6 +78,17 @@ class Sampler:
         for row, generator in metadata.generators.items():
             noise[row].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """-inf for every token a row's grammar does not allow; rows without a grammar are not touched."""
+    if metadata.grammar_bitmask is None:
+        return logits
+    rows, words = metadata.grammar_bitmask
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    constrained = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    return logits.index_copy_(0, rows, constrained)
 
 
 def apply_logit_bias(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

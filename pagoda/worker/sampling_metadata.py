@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pagoda.core.scheduler_output import GrammarBitmask
 from pagoda.sampling_params import GREEDY_EPSILON
 from pagoda.worker.input_batch import InputBatch
 from pagoda.worker.sampler import SamplingMetadata
@@ -80,3 +81,16 @@ def build_sampling_metadata(batch: InputBatch, rows: np.ndarray, device: torch.d
         max_num_logprobs=max(wanted) if wanted else None,
         logit_bias=_logit_bias(batch, rows, device),
     )
+
+
+def grammar_rows(bitmask: GrammarBitmask, sample_req_ids: list[str], device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The bitmask's rows placed on this step's sampling rows (a row that does not sample this step is skipped)."""
+    row_of = {req_id: row for row, req_id in enumerate(sample_req_ids)}
+    words = np.frombuffer(bitmask.words, dtype="<i4").reshape(len(bitmask.req_ids), -1)
+    kept = [(row_of[req_id], index) for index, req_id in enumerate(bitmask.req_ids) if req_id in row_of]
+    if not kept:
+        return None
+    rows, indices = zip(*kept)
+    return (torch.tensor(rows, dtype=torch.int64, device=device),
+            torch.from_numpy(words[list(indices)]).to(device))
