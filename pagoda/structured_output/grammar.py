@@ -21,6 +21,10 @@ _SCHEMA_KEYWORDS = ("additionalProperties", "items", "not", "if", "then", "else"
 _SCHEMA_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
+# Whitespace between JSON tokens: room for pretty-printing (a line break, then indentation), but not for
+# the endless run of newlines a small model falls into when any whitespace is allowed.
+_JSON_WHITESPACE = r"(\r?\n)?[\x20\x09]{0,32}"
+
 # Grammar text formats vLLM's `grammar` takes: Lark, or GBNF/EBNF (llguidance converts those to Lark).
 _FORMAT_OF_KIND = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
@@ -41,8 +45,7 @@ def _grammar(key: tuple[str, str, bool]) -> str:
     try:
         if kind in ("json", "json_object"):
             schema = _closed_objects(json.loads(spec)) if kind == "json" else {"type": "object"}
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema,
-                                                                    defaults={"whitespace_flexible": not compact})
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(compact))
         else:
             grammar = llguidance.grammar_from(_FORMAT_OF_KIND[kind], spec)  # type: ignore[arg-type]
     except ValueError as error:
@@ -51,6 +54,10 @@ def _grammar(key: tuple[str, str, bool]) -> str:
     if problem:
         raise ValueError(f"structured_outputs.{kind}: {problem}")
     return grammar
+
+
+def _json_options(compact: bool) -> dict[str, Any]:
+    return {"whitespace_flexible": False} if compact else {"whitespace_pattern": _JSON_WHITESPACE}
 
 
 def _closed_objects(schema: Any) -> Any:

@@ -147,7 +147,7 @@ def test_unknown_fields_are_kept_aside_and_logged(caplog):
 @pytest.mark.parametrize(("body", "param"), [
     ({"echo": True}, "echo"),
     ({"best_of": 2}, "best_of"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
     ({"add_special_tokens": False}, "add_special_tokens"),
     ({"best_of": 1, "echo": False, "response_format": {"type": "text"}, "priority": 0}, None),
 ])

@@ -3,6 +3,7 @@ makes the engine fail within seconds (never a hang), and shutdown leaves no proc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ import psutil
 import pytest
 from ghost_step import ghost_step
 
-from pagoda import LLM, SamplingParams
+from pagoda import LLM, SamplingParams, StructuredOutputsParams
 from pagoda.engine.exceptions import EngineDeadError
 from pagoda.worker.executor_errors import ExecutorFailedError
 from pagoda.worker.multiproc_executor import MultiprocExecutor
@@ -113,3 +114,20 @@ def test_an_exception_inside_execute_model_fails_the_executor(smollm_path: Path)
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
+
+
+def test_a_constrained_request_is_honoured_through_the_worker_process(smollm_path: Path) -> None:
+    # The grammar bitmask travels in the SchedulerOutput, through the shared-memory queue.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1,
+                                                                                  "maximum": 5}},
+              "required": ["ok", "n"]}
+    llm = mp_llm(smollm_path)
+    try:
+        outputs = llm.generate(["JSON:", "An answer:"], SamplingParams(
+            max_tokens=40, temperature=1.0, seed=3, structured_outputs=StructuredOutputsParams(json=schema)),
+            use_tqdm=False)
+    finally:
+        llm.shutdown()
+    for output in outputs:
+        value = json.loads(output.outputs[0].text)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 1 <= value["n"] <= 5

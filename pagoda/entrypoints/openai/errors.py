@@ -67,7 +67,8 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 # Engine-side ValueErrors start with the field they are about ("SamplingParams.top_p must ...",
 # "stop_token_ids: ...", "prompt has ..."); these are the names that can appear there.
-_ENGINE_PARAMS = frozenset(SamplingParams.__struct_fields__) | {"prompt"}
+_ENGINE_PARAMS = frozenset(SamplingParams.__struct_fields__) | {"prompt", "response_format", "guided_json",
+                                                                 "guided_regex", "guided_choice", "guided_grammar"}
 
 
 def from_value_error(error: ValueError, default_param: str | None = None) -> OpenAIError:

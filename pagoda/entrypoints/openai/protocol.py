@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pagoda.entrypoints.openai.input_text import lone_surrogate_position
+from pagoda.entrypoints.openai.structured_outputs import SOURCE_FIELDS, structured_outputs_of
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 # As in vLLM: more logprob candidates per position than this are refused.
@@ -81,23 +82,24 @@ class SamplingRequest(RequestBody):
     # Accepted: they never change what is generated.
     user: str | None = None
     length_penalty: float = 1.0  # beam search only, which is refused
-    guided_decoding_backend: str | None = None  # only with guided decoding, which is refused
-    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # this server has one backend (llguidance)
+    # Structured output, in three dialects (structured_outputs.py).
+    response_format: JSONObject | None = None
+    structured_outputs: JSONObject | None = None
+    guided_json: str | JSONObject | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Refused unless harmless (unsupported.py).
     best_of: int | None = Field(None, ge=1)
-    response_format: JSONObject | None = None
+    guided_whitespace_pattern: str | None = None
     use_beam_search: bool = False
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
-    guided_json: str | JSONObject | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
     structural_tag: str | None = None
-    structured_outputs: JSONObject | None = None
     logits_processors: list[Any] | None = None
     return_tokens_as_token_ids: bool = False
     return_token_ids: bool | None = None
@@ -130,6 +132,7 @@ class SamplingRequest(RequestBody):
             logprobs=num_logprobs,
             logit_bias=self.logit_bias or None,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=structured_outputs_of({name: getattr(self, name) for name in SOURCE_FIELDS}),
         )
 
 

@@ -1,7 +1,7 @@
 """Entrypoints layer: request parameters Pagoda does not implement, refused rather than silently dropped.
 
 OpenAI's and vLLM's request bodies carry parameters that change what is
-generated (structured output, tools, beam search, echo, ...). Pagoda does not
+generated (tools, beam search, echo, ...). Pagoda does not
 implement them, so a request that sets one to anything but a value meaning
 "off" gets a 400 naming it: a client asking for JSON must not get free text
 with a 200. Parameters that never change the output (`user`, `metadata`,
@@ -45,10 +45,6 @@ def _is(*allowed: Any) -> Callable[[Any], bool]:
     return lambda value: any(value == a and type(value) is type(a) for a in allowed)
 
 
-def _text_format(value: Any) -> bool:
-    return value is None or value == {"type": "text"}
-
-
 def _text_modality(value: Any) -> bool:
     return value is None or value == ["text"]
 
@@ -59,7 +55,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("echo", _is(False), "echoing the prompt"),
     Unsupported("suffix", lambda v: v is None or v == "", "insertion after a suffix"),
     # OpenAI, chat
-    Unsupported("response_format", _text_format, "structured output (only {'type': 'text'})"),
     Unsupported("tools", _empty, "tool calling"),
     Unsupported("tool_choice", lambda v: v is None or v in ("none", "auto"), "tool calling"),
     Unsupported("functions", _empty, "function calling"),
@@ -76,12 +71,8 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("allowed_token_ids", _unset, "restricting sampling to allowed token ids"),
     Unsupported("bad_words", _empty, "bad words"),
     Unsupported("prompt_logprobs", _unset, "prompt logprobs"),
-    Unsupported("guided_json", _unset, "guided decoding"),
-    Unsupported("guided_regex", _unset, "guided decoding"),
-    Unsupported("guided_choice", _unset, "guided decoding"),
-    Unsupported("guided_grammar", _unset, "guided decoding"),
-    Unsupported("structural_tag", _unset, "guided decoding"),
-    Unsupported("structured_outputs", _unset, "structured output"),
+    Unsupported("structural_tag", _unset, "structural tags"),
+    Unsupported("guided_whitespace_pattern", _unset, "a whitespace pattern for structured output"),
     Unsupported("logits_processors", _empty, "custom logits processors"),
     Unsupported("return_tokens_as_token_ids", _is(False), "logprob tokens as token ids"),
     Unsupported("return_token_ids", lambda v: v is None or v is False, "token ids in the response"),
