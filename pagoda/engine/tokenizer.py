@@ -62,14 +62,15 @@ class Tokenizer:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
     def apply_chat_template(self, messages: list[ChatMessage], chat_template: str | None = None,
-                            add_generation_prompt: bool = True) -> str:
-        """The conversation as prompt text, by the model's chat template (or `chat_template`)."""
+                            add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
+        """The conversation as prompt text, by the model's chat template (or `chat_template`), with the
+        declared `tools` for templates that describe them."""
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
             raise ValueError("this model has no chat template; pass chat_template= or use generate()")
         try:
             return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             tools=None, documents=None, **self.special_tokens)
+                                             tools=tools, documents=None, **self.special_tokens)
         except jinja2.TemplateError as err:
             raise ValueError(f"the chat template failed: {err}") from err
 
@@ -83,12 +84,12 @@ def load_tokenizer_in_background(model_path: str | Path) -> Future[Tokenizer]:
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                chat_template: str | None = None) -> str:
+                chat_template: str | None = None, tools: list[dict[str, Any]] | None = None) -> str:
     """The conversation as prompt text; every message needs a role and content."""
     for message in messages:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"each chat message needs 'role' and 'content', got {message!r}")
-    return tokenizer.apply_chat_template(messages, chat_template, add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, chat_template, add_generation_prompt, tools)
 
 
 def _read_tokenizer_config(folder: Path) -> dict[str, Any]:

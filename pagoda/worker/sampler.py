@@ -48,8 +48,13 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self) -> None:
+        self.grammar_masker = GrammarMasker()
+
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        logits = apply_grammar_bitmask(logits.float(), metadata)
+        logits = logits.float()
+        if metadata.grammar_bitmask is not None:
+            logits = self.grammar_masker(logits, *metadata.grammar_bitmask)
         raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
         logits = apply_logit_bias(logits, metadata)
         logits = apply_penalties(logits, metadata)
@@ -80,15 +85,36 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """-inf for every token a row's grammar does not allow; rows without a grammar are not touched."""
-    if metadata.grammar_bitmask is None:
-        return logits
-    rows, words = metadata.grammar_bitmask
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
-    constrained = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
-    return logits.index_copy_(0, rows, constrained)
+class GrammarMasker:
+    """Adds 0 or -inf to every logit of the constrained rows, as their packed bitmask words say.
+
+    Each byte of the bitmask selects one of 256 rows of eight (0 | -inf) biases, so one gather and one add
+    cover the rows: at 64 rows of Gemma's 262k vocabulary ~16 ms, where unpacking bits by shifts and a
+    `masked_fill_` took ~124. The gather's buffers persist across steps (a fresh 64 MB tensor per step pays
+    its page faults every time).
+    """
+
+    def __init__(self) -> None:
+        self._table: torch.Tensor | None = None  # [256, 8] float32
+        self._index = torch.empty(0, dtype=torch.int64)
+        self._bias = torch.empty(0, 8)
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        device = logits.device
+        if self._table is None or self._table.device != device:
+            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+            self._table = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
+            self._index, self._bias = self._index.to(device), self._bias.to(device)
+        packed = words.contiguous().view(torch.uint8).flatten()
+        if self._index.numel() < packed.numel():
+            self._index = torch.empty(packed.numel(), dtype=torch.int64, device=device)
+            self._bias = torch.empty(packed.numel(), 8, device=device)
+        index = self._index[: packed.numel()].copy_(packed)
+        bias = torch.index_select(self._table, 0, index, out=self._bias[: packed.numel()])
+        bias = bias.view(words.shape[0], -1)[:, : logits.shape[1]]
+        if rows.numel() == logits.shape[0]:  # every row constrained, in order (grammar_rows keeps the order)
+            return logits.add_(bias)
+        return logits.index_add_(0, rows, bias)
 
 
 def apply_logit_bias(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

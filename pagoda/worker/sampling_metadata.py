@@ -85,10 +85,12 @@ def build_sampling_metadata(batch: InputBatch, rows: np.ndarray, device: torch.d
 
 def grammar_rows(bitmask: GrammarBitmask, sample_req_ids: list[str], device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The bitmask's rows placed on this step's sampling rows (a row that does not sample this step is skipped)."""
+    """The bitmask's rows placed on this step's sampling rows, in their order (a request that does not sample
+    this step is skipped)."""
     row_of = {req_id: row for row, req_id in enumerate(sample_req_ids)}
     words = np.frombuffer(bitmask.words, dtype="<i4").reshape(len(bitmask.req_ids), -1)
-    kept = [(row_of[req_id], index) for index, req_id in enumerate(bitmask.req_ids) if req_id in row_of]
+    # In sampling-row order, so that a batch constrained throughout is rows 0..n-1 (the masker adds in place).
+    kept = sorted((row_of[req_id], index) for index, req_id in enumerate(bitmask.req_ids) if req_id in row_of)
     if not kept:
         return None
     rows, indices = zip(*kept)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from pagoda.core.scheduler_output import GrammarBitmask
-from pagoda.worker.sampler import Sampler, SamplingMetadata, apply_grammar_bitmask
+from pagoda.worker.sampler import GrammarMasker, Sampler, SamplingMetadata
 from pagoda.worker.sampling_metadata import grammar_rows
 
 VOCAB = 70  # not a multiple of 32: the last word is partly padding
@@ -30,12 +30,19 @@ def _words(allowed: list[set[int]]) -> np.ndarray:
 def test_only_constrained_rows_change_and_only_where_their_grammar_forbids():
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
     allowed = {5, 31, 32, 69}  # word edges and the last real token
-    masked = apply_grammar_bitmask(logits.clone(), _metadata(3, (torch.tensor([1]), torch.from_numpy(
-        _words([allowed])))))
-    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
-    finite = set(torch.nonzero(torch.isfinite(masked[1])).flatten().tolist())
-    assert finite == allowed
-    assert torch.equal(masked[1, sorted(allowed)], logits[1, sorted(allowed)])
+    masker = GrammarMasker()
+    for _ in range(2):  # the second call reuses the first's buffers
+        masked = masker(logits.clone(), torch.tensor([1]), torch.from_numpy(_words([allowed])))
+        assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+        finite = set(torch.nonzero(torch.isfinite(masked[1])).flatten().tolist())
+        assert finite == allowed
+        assert torch.equal(masked[1, sorted(allowed)], logits[1, sorted(allowed)])
+
+
+def test_a_batch_constrained_throughout_is_masked_in_place_row_by_row():
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1))
+    masked = GrammarMasker()(logits.clone(), torch.tensor([0, 1]), torch.from_numpy(_words([{0}, {69}])))
+    assert torch.isfinite(masked).nonzero().tolist() == [[0, 0], [1, 69]]
 
 
 def test_greedy_picks_the_best_allowed_token():
@@ -50,6 +57,6 @@ def test_bitmask_rows_follow_the_requests_to_their_sampling_rows():
     words = _words([{1}, {2}, {3}])
     bitmask = GrammarBitmask(req_ids=["a", "b", "c"], words=words.tobytes())
     rows, placed = grammar_rows(bitmask, ["free", "c", "a"], torch.device("cpu"))  # "b" does not sample
-    assert rows.tolist() == [2, 1]
-    assert torch.equal(placed, torch.from_numpy(words[[0, 2]]))
+    assert rows.tolist() == [1, 2]
+    assert torch.equal(placed, torch.from_numpy(words[[2, 0]]))
     assert grammar_rows(bitmask, ["free"], torch.device("cpu")) is None

@@ -175,6 +175,8 @@ class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[JSONObject] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     def to_template_message(self) -> dict[str, Any]:
         """The message as the chat template expects it: text parts joined into a string; with images, a list
@@ -189,8 +191,9 @@ class ChatMessage(OpenAIBaseModel):
             else:
                 content = "".join(part.text or "" for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
+        for field in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, field) is not None:
+                message[field] = getattr(self, field)
         return message
 
 
@@ -209,18 +212,18 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    # Accepted: they never change what is generated (tools, which parallel_tool_calls
-    # is about, are refused; a prediction only speeds up an answer that stays the same).
+    # Tool calling where a grammar drives it (tool_calls.py).
+    tools: list[JSONObject] | None = None
+    tool_choice: str | JSONObject | None = None
+    parallel_tool_calls: bool | None = None
+    # Accepted: they never change what is generated (a prediction only speeds up an answer that stays the same).
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     prediction: JSONObject | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # Refused unless harmless (unsupported.py).
-    tools: list[JSONObject] | None = None
-    tool_choice: str | JSONObject | None = None
     functions: list[JSONObject] | None = None
     function_call: str | JSONObject | None = None
     audio: JSONObject | None = None

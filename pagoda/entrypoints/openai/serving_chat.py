@@ -16,8 +16,9 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pagoda.entrypoints.openai.errors import OpenAIError
+from pagoda.entrypoints.openai.errors import OpenAIError, bad_request
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
+from pagoda.entrypoints.openai.tool_calls import ToolPlan, plan_tool_calls
 from pagoda.entrypoints.openai.responses import (
     ChatChoice,
     ChatCompletionChunk,
@@ -27,11 +28,15 @@ from pagoda.entrypoints.openai.responses import (
     ChatStreamChoice,
     ChatTokenLogprob,
     DeltaMessage,
+    FunctionCall,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     UsageInfo,
 )
 from pagoda.entrypoints.openai.serving_engine import OpenAIServing, add_usage, sse
 from pagoda.outputs import CompletionOutput, RequestOutput
+from pagoda.structured_output.grammar import check_structured_outputs
 
 
 def chat_logprobs(output: CompletionOutput, num_top: int) -> ChatLogprobs:
@@ -54,19 +59,40 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model_name = self.check_request(request, "/v1/chat/completions",
                                         {"best_of": request.n, "add_special_tokens": False})
-        prompt = await self.chat_prompt(request.messages, request.add_generation_prompt)
+        plan = self._tool_plan(request)
+        prompt = await self.chat_prompt(request.messages, request.add_generation_prompt, request.tools or None)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt.token_ids))
         params = self.sampling_params(request, max_tokens, request.num_logprobs)
+        if plan is not None:
+            if params.structured_outputs is not None:
+                raise bad_request("tool_choice: a request that must call a tool cannot also ask for structured "
+                                  "output (response_format, structured_outputs, guided_*)", "tool_choice")
+            params = params.clone(structured_outputs=plan.constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = self.generate(prompt, params, request_id)
         if request.stream:
-            return StreamingResponse(self._stream(request, request_id, model_name, outputs),
+            return StreamingResponse(self._stream(request, request_id, model_name, outputs, plan),
                                      media_type="text/event-stream")
-        response = await self.cancel_on_disconnect(raw_request, self._collect(request, request_id, model_name, outputs))
+        response = await self.cancel_on_disconnect(
+            raw_request, self._collect(request, request_id, model_name, outputs, plan))
         return JSONResponse(response.model_dump())
 
+    @staticmethod
+    def _tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
+        try:
+            plan = plan_tool_calls(request.tools, request.tool_choice, request.parallel_tool_calls)
+            if plan is not None:
+                check_structured_outputs(plan.constraint)
+        except ValueError as error:
+            message = str(error)
+            param = message.split(":", 1)[0] if message.startswith(("tools:", "tool_choice:")) else "tools"
+            raise bad_request(message if param != "tools" or message.startswith("tools:")
+                              else f"tools: {message}", param) from error
+        return plan
+
     async def _collect(
-        self, request: ChatCompletionRequest, request_id: str, model_name: str, outputs: AsyncIterator[RequestOutput]
+        self, request: ChatCompletionRequest, request_id: str, model_name: str, outputs: AsyncIterator[RequestOutput],
+        plan: ToolPlan | None,
     ) -> ChatCompletionResponse:
         choices: list[ChatChoice] = []
         usage = UsageInfo()
@@ -77,18 +103,20 @@ class OpenAIServingChat(OpenAIServing):
                     logprobs = None
                     if request.num_logprobs is not None:
                         logprobs = chat_logprobs(completion, request.num_logprobs)
+                    message, finish_reason = _message(completion, plan)
                     choices.append(ChatChoice(
                         index=completion.index,
-                        message=ChatMessageOut(content=completion.text),
+                        message=message,
                         logprobs=logprobs,
-                        finish_reason=completion.finish_reason,
+                        finish_reason=finish_reason,
                         stop_reason=completion.stop_reason,
                     ))
         choices.sort(key=lambda choice: choice.index)
         return ChatCompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage)
 
     async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, model_name: str, outputs: AsyncIterator[RequestOutput]
+        self, request: ChatCompletionRequest, request_id: str, model_name: str, outputs: AsyncIterator[RequestOutput],
+        plan: ToolPlan | None,
     ) -> AsyncIterator[str]:
         created = int(time.time())
 
@@ -98,6 +126,7 @@ class OpenAIServingChat(OpenAIServing):
 
         usage = UsageInfo()
         first_output = True
+        calls = {index: _StreamedCalls(plan) for index in range(request.n)} if plan is not None else None
         try:
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(request.n)])
@@ -109,12 +138,17 @@ class OpenAIServingChat(OpenAIServing):
                         # Tokens may bring no text yet (a partial character, a possible stop string).
                         if not completion.text and not completion.finished() and request.num_logprobs is None:
                             continue
+                        delta, finish_reason = (DeltaMessage(content=completion.text), completion.finish_reason)
+                        if calls is not None:
+                            delta, finish_reason = calls[completion.index].delta(completion)
+                            if delta is None:
+                                continue
                         yield chunk([ChatStreamChoice(
                             index=completion.index,
-                            delta=DeltaMessage(content=completion.text),
+                            delta=delta,
                             logprobs=None if request.num_logprobs is None else chat_logprobs(
                                 completion, request.num_logprobs),
-                            finish_reason=completion.finish_reason,
+                            finish_reason=finish_reason,
                             stop_reason=completion.stop_reason,
                         )])
             if request.include_usage_in_stream:
@@ -122,3 +156,42 @@ class OpenAIServingChat(OpenAIServing):
         except OpenAIError as error:
             yield error.sse_event()
         yield "data: [DONE]\n\n"
+
+
+def _message(completion: CompletionOutput, plan: ToolPlan | None) -> tuple[ChatMessageOut, str | None]:
+    """The answer as a message, and its finish reason: tool calls when the request had to call a tool and its
+    answer is complete, else the text (a call cut short by max_tokens stays text, finishing with "length")."""
+    if plan is None or completion.finish_reason != "stop":
+        return ChatMessageOut(content=completion.text), completion.finish_reason
+    calls = [ToolCall(id=call["id"], function=FunctionCall(**call["function"])) for call in plan.calls(completion.text)]
+    return ChatMessageOut(content=None, tool_calls=calls), "tool_calls"
+
+
+class _StreamedCalls:
+    """One streamed choice's tool calls: a named function's arguments stream as they come; calls of
+    "required" are whole only at the end (their name comes inside the JSON), so they come in the last chunk."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self._plan = plan
+        self._text = ""
+        self._call_id = f"call_{uuid.uuid4().hex[:24]}"
+
+    def delta(self, completion: CompletionOutput) -> tuple[DeltaMessage | None, str | None]:
+        first = not self._text
+        self._text += completion.text
+        finished = completion.finished()
+        reason = completion.finish_reason if completion.finish_reason != "stop" else "tool_calls"
+        if self._plan.named is not None:
+            if not completion.text:
+                return (DeltaMessage(), reason) if finished else (None, None)
+            call = ToolCallDelta(index=0, id=self._call_id if first else None, type="function" if first else None,
+                                 function=FunctionCall(name=self._plan.named if first else None,
+                                                       arguments=completion.text))
+            return DeltaMessage(tool_calls=[call]), reason if finished else None
+        if not finished:
+            return None, None
+        if completion.finish_reason != "stop":
+            return DeltaMessage(content=self._text), completion.finish_reason
+        calls = [ToolCallDelta(index=i, id=call["id"], type="function", function=FunctionCall(**call["function"]))
+                 for i, call in enumerate(self._plan.calls(self._text))]
+        return DeltaMessage(tool_calls=calls), "tool_calls"

@@ -122,10 +122,11 @@ class OpenAIServing:
         # The template places BOS and the other special tokens itself.
         return self.encode(text, "messages", add_special_tokens=False)
 
-    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> ProcessedPrompt:
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          tools: list[dict[str, Any]] | None = None) -> ProcessedPrompt:
         """The conversation as the engine's prompt: token ids, and for image parts, the preprocessed images
         (off the event loop); 400 naming `messages` for a bad image or a model that takes none."""
-        text, images = self._render_chat(messages, add_generation_prompt)
+        text, images = self._render_chat(messages, add_generation_prompt, tools)
         if not images:
             return ProcessedPrompt(self.prompt_token_ids(self.encode(text, "messages", add_special_tokens=False),
                                                          "messages"))
@@ -138,13 +139,14 @@ class OpenAIServing:
         self.prompt_token_ids(processed.token_ids, "messages")
         return processed
 
-    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[Any]]:
+    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                     tools: list[dict[str, Any]] | None = None) -> tuple[str, list[Any]]:
         try:
             conversation, images = split_chat_images([m.to_template_message() for m in messages])
             if images and self.engine.input_processor.mm_processor is None:
                 # Before rendering: a text model's template may not even take a list of parts.
                 raise ValueError("this model takes no images")
-            return render_chat(self.tokenizer, conversation, add_generation_prompt), images
+            return render_chat(self.tokenizer, conversation, add_generation_prompt, tools=tools), images
         except (ValueError, TypeError, jinja2.TemplateError) as error:  # TypeError: a template tripping on parts
             raise bad_request(f"messages: {error}", "messages") from error
 

@@ -1,7 +1,7 @@
 """Entrypoints layer: request parameters Pagoda does not implement, refused rather than silently dropped.
 
 OpenAI's and vLLM's request bodies carry parameters that change what is
-generated (tools, beam search, echo, ...). Pagoda does not
+generated (beam search, echo, ...). Pagoda does not
 implement them, so a request that sets one to anything but a value meaning
 "off" gets a 400 naming it: a client asking for JSON must not get free text
 with a 200. Parameters that never change the output (`user`, `metadata`,
@@ -55,8 +55,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("echo", _is(False), "echoing the prompt"),
     Unsupported("suffix", lambda v: v is None or v == "", "insertion after a suffix"),
     # OpenAI, chat
-    Unsupported("tools", _empty, "tool calling"),
-    Unsupported("tool_choice", lambda v: v is None or v in ("none", "auto"), "tool calling"),
     Unsupported("functions", _empty, "function calling"),
     Unsupported("function_call", lambda v: v is None or v in ("none", "auto"), "function calling"),
     Unsupported("audio", _unset, "audio output"),
