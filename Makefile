@@ -29,7 +29,7 @@ test-fast: lint
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # Each benchmark rewrites its own sections of docs/benchmarks.md; append later ones to this list.
-BENCHMARKS := benchmarks/offline_throughput.py benchmarks/serving.py benchmarks/kv_store.py benchmarks/startup.py benchmarks/vision.py benchmarks/parallel.py benchmarks/parallel_throughput.py
+BENCHMARKS := benchmarks/offline_throughput.py benchmarks/serving.py benchmarks/kv_store.py benchmarks/startup.py benchmarks/vision.py benchmarks/parallel.py benchmarks/parallel_throughput.py benchmarks/structured_output.py
 bench: install
 	set -e; for script in $(BENCHMARKS); do $(PYTHON) $$script; done
 
