@@ -101,6 +101,7 @@ class AsyncLLM:
         priority: int = 0,
         *,
         add_special_tokens: bool = True,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs as `sampling_params.output_kind` asks (DELTA, CUMULATIVE, FINAL_ONLY).
 
@@ -115,7 +116,8 @@ class AsyncLLM:
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
             prompt = await self.process_prompt(prompt, add_special_tokens)
         prepared = prepare_request(
-            self.input_processor, request_id, prompt, sampling_params, priority, add_special_tokens=add_special_tokens
+            self.input_processor, request_id, prompt, sampling_params, priority, cache_salt,
+            add_special_tokens=add_special_tokens,
         )
         self.output_processor.check_request_ids(request_id, [child.request_id for child in prepared.children])
         self._start_output_handler()

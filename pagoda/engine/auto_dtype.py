@@ -18,38 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from pagoda import envs
+from pagoda.cpu_features import cpu_flags, cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
 PREFERRED = "bfloat16"
 WITHOUT_NATIVE_BF16 = "float32"
-
-# x86 flags of a bf16 dot-product instruction (vdpbf16ps, or AMX tiles); Arm's is "bf16".
-_X86_BF16_DOT = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
-    """The first processor's feature flags (x86 "flags", Arm "Features"); None when they cannot be read."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return None
-
-
-def cpu_has_native_bf16(flags: frozenset[str] | None) -> bool | None:
-    """Whether the CPU runs bf16 GEMMs natively (None: unknown)."""
-    if flags is None:
-        return None
-    return bool(_X86_BF16_DOT & flags) or "bf16" in flags
-
 
 def gpu_visible() -> bool:
     """Whether an NVIDIA or AMD GPU driver is present and not hidden (where `select_device` would pick CUDA)."""

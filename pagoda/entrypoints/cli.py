@@ -39,6 +39,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                         default=defaults.enable_chunked_prefill)
+    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=defaults.scheduling_policy,
+                        help="waiting requests in arrival order, or by each request's priority (lower first)")
     parser.add_argument("--quantization", choices=["int8"], default=None,
                         help="weight-only quantization of the linear layers (opt-in)")
     parser.add_argument("--kv-store", default=None, metavar="TIERS",

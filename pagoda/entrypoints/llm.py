@@ -152,9 +152,9 @@ class LLM:
         self.llm_engine.shutdown()
 
     def get_metrics(self) -> dict[str, float]:
-        stats = self.llm_engine.scheduler_stats
-        if stats is None:
-            return {}
+        """The engine's gauges and counters now (not as of the last step: a flush or a store's background
+        writes may have counted more since)."""
+        stats = self.llm_engine.engine_core.get_stats()
         metrics = {field: float(getattr(stats, field)) for field in stats.__struct_fields__
                    if field not in ("kv_store", "multimodal")}
         for tier, counters in (stats.kv_store or {}).items():

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pagoda.cpu_features import cpu_flags, cpu_has_native_bf16
 from pagoda.models.quantization import Int8Weight
 
 # Checkpoint projection name -> (fused module name, shard index within it).
@@ -148,12 +149,15 @@ def pack_for_cpu(weight: Tensor) -> Tensor | None:
 
     `F.linear` on CPU re-blocks the weight on every call; blocking it once at
     load makes a Gemma 3 270M decode step 1.4x faster for one sequence and
-    1.2x for 64, with bit-identical results. Only bf16: oneDNN's float32
-    kernels round differently from `F.linear`'s.
+    1.2x for 64, with bit-identical results where the CPU has a bf16 dot
+    product (only there). Only bf16: oneDNN's float32 kernels round
+    differently from `F.linear`'s.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    if cpu_has_native_bf16(cpu_flags()) is False:  # oneDNN converts there, rounding unlike F.linear
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 

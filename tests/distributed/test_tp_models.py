@@ -165,7 +165,7 @@ def _bf16_model(tp: TensorParallelGroup, folder: Path) -> dict:
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                    reason="no oneDNN bf16 on this CPU")
+                    reason="no packed bf16 here (needs oneDNN and a bf16 dot product)")
 def test_bf16_shards_take_the_packed_cpu_layout(tiny_gemma: Path) -> None:
     (reference,) = run_ranks(1, _bf16_model, tiny_gemma)
     ranks = run_ranks(2, _bf16_model, tiny_gemma)

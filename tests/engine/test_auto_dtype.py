@@ -10,7 +10,8 @@ import pytest
 from pagoda import envs
 from pagoda.engine import auto_dtype
 from pagoda.engine.arg_utils import EngineArgs
-from pagoda.engine.auto_dtype import cpu_flags, cpu_has_native_bf16, resolve_dtype
+from pagoda.cpu_features import cpu_flags, cpu_has_native_bf16
+from pagoda.engine.auto_dtype import resolve_dtype
 
 ZEN3_FLAGS = "fpu sse sse2 avx f16c fma avx2 bmi2 sha_ni vaes vpclmulqdq"  # AVX2 only
 ZEN5_FLAGS = ZEN3_FLAGS + " avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16"

@@ -15,7 +15,7 @@ from pagoda.models.layers import Linear, pack_for_cpu
 from pagoda.models.quantization import INT8_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(pack_for_cpu(torch.zeros(8, 8, dtype=torch.bfloat16)) is None,
-                                reason="no oneDNN bf16 on this CPU")
+                                reason="no packed bf16 here (needs oneDNN and a bf16 dot product)")
 
 
 def test_only_bf16_weights_are_packed():

@@ -103,7 +103,9 @@ class SamplingRequest(RequestBody):
     logits_processors: list[Any] | None = None
     return_tokens_as_token_ids: bool = False
     return_token_ids: bool | None = None
-    priority: int = 0
+    # Scheduling and prefix-cache isolation (serving_engine.py).
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)  # lower runs first, under --scheduling-policy priority
+    cache_salt: str | None = Field(None, min_length=1)  # prefixes are shared only between equal salts
 
     @property
     def include_usage_in_stream(self) -> bool:

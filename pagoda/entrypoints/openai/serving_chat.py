@@ -69,7 +69,7 @@ class OpenAIServingChat(OpenAIServing):
                                   "output (response_format, structured_outputs, guided_*)", "tool_choice")
             params = params.clone(structured_outputs=plan.constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = self.generate(prompt, params, request_id)
+        outputs = self.generate(prompt, params, request_id, request)
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, model_name, outputs, plan),
                                      media_type="text/event-stream")

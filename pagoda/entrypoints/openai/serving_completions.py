@@ -59,7 +59,7 @@ class OpenAIServingCompletion(OpenAIServing):
         ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = [
-            self.generate(ids, p, request_id if len(prompts) == 1 else f"{request_id}-{i}")
+            self.generate(ids, p, request_id if len(prompts) == 1 else f"{request_id}-{i}", request)
             for i, (ids, p) in enumerate(zip(token_ids, params))
         ]
         outputs = merge_async_iterators(*streams)

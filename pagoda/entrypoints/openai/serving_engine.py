@@ -77,6 +77,9 @@ class OpenAIServing:
         model_name = self.check_model(request.model)
         log_unknown_fields(request, endpoint)
         refuse_unsupported(request, defaults)
+        if request.priority != 0 and self.engine.config.scheduler_config.policy != "priority":
+            raise bad_request("priority: this server schedules first come, first served; start it with "
+                              "--scheduling-policy priority to order requests by priority", "priority")
         if self.engine.errored:
             raise engine_dead_error()
         self.check_token_ids(list(request.logit_bias or ()), "logit_bias")
@@ -168,7 +171,7 @@ class OpenAIServing:
             raise from_value_error(error) from error
 
     async def generate(
-        self, prompt: list[int] | ProcessedPrompt, params: SamplingParams, request_id: str
+        self, prompt: list[int] | ProcessedPrompt, params: SamplingParams, request_id: str, request: SamplingRequest
     ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one prompt, engine failures as OpenAI errors.
 
@@ -176,7 +179,8 @@ class OpenAIServing:
         generator, and `AsyncLLM.generate` then aborts the request.
         """
         try:
-            async for output in self.engine.generate(prompt, params, request_id):
+            async for output in self.engine.generate(prompt, params, request_id, request.priority,
+                                                     cache_salt=request.cache_salt):
                 if output.error is not None:
                     raise OpenAIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"request failed: {output.error}")
                 yield output

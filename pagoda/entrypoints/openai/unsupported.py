@@ -75,7 +75,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("return_tokens_as_token_ids", _is(False), "logprob tokens as token ids"),
     Unsupported("return_token_ids", lambda v: v is None or v is False, "token ids in the response"),
     Unsupported("prompt_embeds", _unset, "prompt embeddings"),
-    Unsupported("priority", _is(0), "priorities (this server schedules first come, first served)"),
     Unsupported("continue_final_message", _is(False), "continuing the final message"),
     Unsupported("documents", _unset, "documents for the chat template"),
     Unsupported("chat_template", _unset, "a chat template from the request"),
