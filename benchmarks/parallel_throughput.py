@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from child_runs import add_workload_arguments, resolve_workload, run_child
 from offline_throughput import exact_params, random_prompts, warmup_prompts
 from report import write_section
 
@@ -34,7 +33,6 @@ from report import write_section
 CONFIGS = {"uni, TP=1": ("uni", 1, 1), "mp, TP=1": ("mp", 1, 1), "mp, TP=2": ("mp", 2, 1), "DP=2": ("uni", 1, 2)}
 # Collectives per step of Gemma 3 270M at TP > 1: the embedding, two per layer (18), the logits gather.
 COLLECTIVES_PER_STEP = 1 + 2 * 18 + 1
-CHILD_TIMEOUT_S = 1800
 
 
 def child(args: argparse.Namespace) -> None:
@@ -97,41 +95,25 @@ def measure_all_reduce(sizes: list[int], repeats: int, dtype: str) -> dict[int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the configurations")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    add_workload_arguments(parser, repeats=3)
     parser.add_argument("--config", action="append", choices=list(CONFIGS),
                         help="run only these configurations (default: all; 'uni, TP=1' is always run: the base)")
-    parser.add_argument("--no-write", action="store_true", help="print the tables only (for trial runs)")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from pagoda.engine.auto_dtype import resolve_dtype
-    from pagoda.models.resolve import resolve_model
-
-    args.model = str(resolve_model(args.model))
-    args.dtype = resolve_dtype(args.dtype)
+    resolve_workload(args)
     names = [name for name in CONFIGS if name == "uni, TP=1" or not args.config or name in args.config]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     # Interleaved rounds: this machine's speed drifts by more than the differences measured here.
     for round_index in range(args.repeats):
         for name in names:
-            print(f"round {round_index + 1}: running {name} ...", file=sys.stderr, flush=True)
-            command = [sys.executable, __file__, "--child", name, "--model", args.model, "--num-requests",
-                       str(args.num_requests), "--prompt-len", str(args.prompt_len), "--max-tokens",
-                       str(args.max_tokens), "--dtype", args.dtype]
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-                                  env=os.environ.copy())
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if lines:
-                runs[name].append(json.loads(lines[-1].removeprefix("RESULT ")))
+            result, error = run_child(__file__, name, args, round_index)
+            if result is not None:
+                runs[name].append(result)
             else:
-                print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                print(f"{name} failed:\n{error}", file=sys.stderr)
     rates = {name: [r["tokens"] / r["elapsed"] for r in results] for name, results in runs.items()}
     base = statistics.median(rates["uni, TP=1"]) if rates["uni, TP=1"] else None
     base_first = runs["uni, TP=1"][0]["first"] if runs["uni, TP=1"] else None

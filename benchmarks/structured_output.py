@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from child_runs import add_workload_arguments, resolve_workload, run_child
 from offline_throughput import exact_params, random_prompts, warmup_prompts
 from report import write_section
 
@@ -34,7 +33,6 @@ SCHEMA = {"type": "object", "properties": {
     "tags": {"type": "array", "maxItems": 5, "items": {"enum": ["news", "sport", "science", "art", "travel"]}},
     "body": {"type": "string", "minLength": 4000}}, "required": ["title", "tags", "body"]}
 CONFIGS = ("no schema", "JSON schema")
-CHILD_TIMEOUT_S = 1800
 
 
 def child(args: argparse.Namespace) -> None:
@@ -70,37 +68,21 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the two configurations")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--no-write", action="store_true", help="print the table only (for trial runs)")
+    add_workload_arguments(parser, repeats=2)
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from pagoda.engine.auto_dtype import resolve_dtype
-    from pagoda.models.resolve import resolve_model
-
-    args.model = str(resolve_model(args.model))
-    args.dtype = resolve_dtype(args.dtype)
+    resolve_workload(args)
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for round_index in range(args.repeats):
         # Alternate which goes first: this machine's speed drifts by more than the difference measured.
         for name in CONFIGS if round_index % 2 == 0 else CONFIGS[::-1]:
-            print(f"round {round_index + 1}: running {name} ...", file=sys.stderr, flush=True)
-            command = [sys.executable, __file__, "--child", name, "--model", args.model, "--num-requests",
-                       str(args.num_requests), "--prompt-len", str(args.prompt_len), "--max-tokens",
-                       str(args.max_tokens), "--dtype", args.dtype]
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-                                  env=os.environ.copy())
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if not lines:
-                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            runs[name].append(json.loads(lines[-1].removeprefix("RESULT ")))
+            result, error = run_child(__file__, name, args, round_index)
+            if result is None:
+                raise SystemExit(f"{name} failed:\n{error}")
+            runs[name].append(result)
     rates = {name: [r["tokens"] / r["elapsed"] for r in results] for name, results in runs.items()}
     base = statistics.median(rates["no schema"])
     rows = ["| requests | output tok/s, median (min–max) | ÷ no schema | requests at full length | grammar work, share "
