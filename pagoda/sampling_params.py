@@ -54,7 +54,7 @@ class StructuredOutputsParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         if self.json is not None:
             try:
                 schema = json.loads(self.json)
-            except ValueError as error:
+            except (ValueError, RecursionError) as error:  # RecursionError: nested past Python's stack
                 raise ValueError(f"SamplingParams.structured_outputs.json is not valid JSON: {error}") from None
             _check(isinstance(schema, (dict, bool)), "structured_outputs.json",
                    f"must be a JSON schema (an object), got {type(schema).__name__}")

@@ -48,12 +48,21 @@ def _grammar(key: tuple[str, str, bool]) -> str:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(compact))
         else:
             grammar = llguidance.grammar_from(_FORMAT_OF_KIND[kind], spec)  # type: ignore[arg-type]
-    except ValueError as error:
+        problem = llguidance.LLMatcher.validate_grammar(grammar)
+    except (ValueError, RecursionError) as error:  # RecursionError: a schema nested past Python's stack
         raise ValueError(f"structured_outputs.{kind}: {error}") from None
-    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    except BaseException as error:
+        if not is_panic(error):
+            raise
+        raise ValueError(f"structured_outputs.{kind}: llguidance failed on it ({str(error)[:200]})") from None
     if problem:
         raise ValueError(f"structured_outputs.{kind}: {problem}")
     return grammar
+
+
+def is_panic(error: BaseException) -> bool:
+    """A Rust panic inside llguidance, raised as pyo3's PanicException (a BaseException, not an Exception)."""
+    return type(error).__name__ == "PanicException"
 
 
 def _json_options(compact: bool) -> dict[str, Any]:

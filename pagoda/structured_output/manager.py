@@ -25,7 +25,7 @@ import numpy as np
 from pagoda.config import ModelConfig
 from pagoda.core.scheduler_output import GrammarBitmask
 from pagoda.sampling_params import StructuredOutputsParams
-from pagoda.structured_output.grammar import grammar_of
+from pagoda.structured_output.grammar import grammar_of, is_panic
 
 _COMPILED_CACHE_SIZE = 256  # constraints kept compiled, the least recently used dropped first
 
@@ -39,6 +39,8 @@ class StructuredOutputManager:
         self._compiled: OrderedDict[tuple[str, str, bool], Future[llguidance.LLMatcher]] = OrderedDict()
         self._lock = threading.Lock()
         self._matchers: dict[str, llguidance.LLMatcher] = {}
+        # Requests whose matcher panicked (a bug in llguidance): they fail alone, the engine goes on.
+        self._broken: dict[str, str] = {}
         self._bitmask = np.empty(llguidance.numpy.get_bitmask_shape(max_num_seqs, model_config.vocab_size),
                                  dtype=np.int32)
 
@@ -81,28 +83,44 @@ class StructuredOutputManager:
         if not rows:
             return None
         for index, request_id in enumerate(rows):
-            llguidance.numpy.fill_next_token_bitmask(self._matchers[request_id], self._bitmask, index)
+            try:
+                llguidance.numpy.fill_next_token_bitmask(self._matchers[request_id], self._bitmask, index)
+            except BaseException as error:
+                if not is_panic(error):
+                    raise
+                self._broken[request_id] = f"llguidance failed ({str(error)[:200]})"
+                self._bitmask[index] = -1  # this step samples freely; the request fails when it is advanced
         return GrammarBitmask(req_ids=rows, words=self._bitmask[: len(rows)].tobytes())
 
     def accept(self, request_id: str, token_ids: list[int]) -> str | None:
         """Advance the request's matcher: None, "complete" (tokens came after the grammar had ended) or "rejected"."""
         matcher = self._matchers[request_id]
+        if request_id in self._broken:
+            return "rejected"
         for token_id in token_ids:
             if matcher.is_stopped():
                 return "complete"
-            if not matcher.consume_token(token_id):
+            try:
+                consumed = matcher.consume_token(token_id)
+            except BaseException as error:
+                if not is_panic(error):
+                    raise
+                self._broken[request_id] = f"llguidance failed ({str(error)[:200]})"
+                return "rejected"
+            if not consumed:
                 return "rejected"
         # A grammar just completed allows only end-of-sequence next, so the request ends the usual way.
         return None
 
     def rejection(self, request_id: str) -> str:
-        return self._matchers[request_id].get_error()
+        return self._broken.get(request_id) or self._matchers[request_id].get_error()
 
     def is_constrained(self, request_id: str) -> bool:
         return request_id in self._matchers
 
     def free(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
+        self._broken.pop(request_id, None)
 
     @property
     def num_matchers(self) -> int:

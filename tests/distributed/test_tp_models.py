@@ -23,7 +23,7 @@ from rank_runner import run_ranks
 from pagoda.distributed.parallel_state import TensorParallelGroup
 from pagoda.models import load_hf_config, load_model
 from pagoda.models.hf_config import check_tensor_parallel_size, tensor_parallel_sizes
-from pagoda.models.layers import Linear
+from pagoda.models.layers import Linear, pack_for_cpu
 
 LOGITS_ATOL = 1e-5  # measured: at most 4.5e-7 on these models
 BF16_ATOL = 5e-2  # measured: 1.1e-2
@@ -164,7 +164,7 @@ def _bf16_model(tp: TensorParallelGroup, folder: Path) -> dict:
             "num_linears": len(linears), "lm_head_packed": model.lm_head_packed is not None}
 
 
-@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+@pytest.mark.skipif(pack_for_cpu(torch.zeros(8, 8, dtype=torch.bfloat16)) is None,
                     reason="no packed bf16 here (needs oneDNN and a bf16 dot product)")
 def test_bf16_shards_take_the_packed_cpu_layout(tiny_gemma: Path) -> None:
     (reference,) = run_ranks(1, _bf16_model, tiny_gemma)

@@ -123,3 +123,23 @@ def test_a_bad_constraint_is_refused_before_it_is_queued(smollm_llm):
         smollm_llm.generate(["Hi"], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(")),
                             use_tqdm=False)
     assert not smollm_llm.llm_engine.has_unfinished_requests()
+
+
+class PanicException(BaseException):
+    """Stands in for pyo3's: a Rust panic crosses into Python as a BaseException of this name."""
+
+
+def test_a_matcher_that_panics_fails_its_request_alone(smollm_llm, monkeypatch: pytest.MonkeyPatch):
+    import llguidance.numpy
+
+    def panic(*_args):
+        raise PanicException("a bug in llguidance")
+
+    free = SamplingParams(max_tokens=8, temperature=0)
+    (expected,) = smollm_llm.generate(["Hello"], free, use_tqdm=False)
+    monkeypatch.setattr(llguidance.numpy, "fill_next_token_bitmask", panic)
+    constrained = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="[a-z]{3} panics"))
+    broken, fine = smollm_llm.generate(["Hi", "Hello"], [constrained, free], use_tqdm=False)
+    assert broken.outputs[0].finish_reason == "error" and "a bug in llguidance" in broken.error
+    assert fine.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert _core(smollm_llm).structured_output.num_matchers == 0

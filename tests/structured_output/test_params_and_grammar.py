@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from pagoda import SamplingParams, StructuredOutputsParams
+from pagoda.structured_output import grammar
 from pagoda.structured_output.grammar import _closed_objects, check_structured_outputs
 
 
@@ -83,3 +84,23 @@ def test_objects_listing_their_properties_are_closed_everywhere_but_where_the_sc
     assert closed["anyOf"][0]["additionalProperties"] is False
     assert closed["items"]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the request's own schema is not changed
+
+
+class PanicException(BaseException):
+    """Stands in for pyo3's: a Rust panic crosses into Python as a BaseException of this name."""
+
+
+def test_a_panic_inside_llguidance_is_a_value_error_not_a_crash(monkeypatch: pytest.MonkeyPatch):
+    # Seen in CI: a fuzzed schema made llguidance panic while truncating its own error text.
+    def panic(*_args, **_kwargs):
+        raise PanicException("end byte index 100 is not a char boundary")
+
+    monkeypatch.setattr(grammar.llguidance.LLMatcher, "validate_grammar", panic)
+    with pytest.raises(ValueError, match=r"structured_outputs\.regex: llguidance failed on it \(end byte index"):
+        check_structured_outputs(StructuredOutputsParams(regex="[a-z]+ panics"))
+
+
+def test_a_schema_nested_past_the_stack_is_a_value_error():
+    deep = '{"type": "object", "properties": {"a": ' * 5000 + "{}" + "}}" * 5000
+    with pytest.raises(ValueError, match=r"structured_outputs\.json"):
+        check_structured_outputs(StructuredOutputsParams(json=deep))
