@@ -20,7 +20,6 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 # (endpoints, parameter, a value that asks for something Pagoda does not do)
 REFUSED = [
-    (("completions",), "echo", True),
     (("completions",), "suffix", " and then"),
     (("completions", "chat"), "best_of", 3),
     (("completions", "chat"), "use_beam_search", True),
@@ -28,7 +27,6 @@ REFUSED = [
     (("completions", "chat"), "truncate_prompt_tokens", 3),
     (("completions", "chat"), "allowed_token_ids", [1, 2]),
     (("completions", "chat"), "bad_words", ["the"]),
-    (("completions", "chat"), "prompt_logprobs", 1),
     (("completions", "chat"), "structural_tag", "{}"),
     (("completions", "chat"), "guided_whitespace_pattern", " "),
     (("completions", "chat"), "logits_processors", ["my.module.Processor"]),
@@ -45,7 +43,6 @@ REFUSED = [
     (("chat",), "reasoning_effort", "high"),
     (("chat",), "verbosity", "low"),
     (("chat",), "web_search_options", {}),
-    (("chat",), "echo", True),
     (("chat",), "continue_final_message", True),
     (("chat",), "documents", [{"title": "t", "text": "x"}]),
     (("chat",), "chat_template", "{{ messages }}"),

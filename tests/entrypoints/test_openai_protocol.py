@@ -36,11 +36,11 @@ def test_sampling_params_from_a_completion_request():
     request = CompletionRequest.model_validate_json(
         '{"prompt": "Hi", "stop": "\\n", "logit_bias": {"42": -100}, "stream": true, "top_k": 3, "seed": 7}'
     )
-    params = request.to_sampling_params(max_tokens=5, num_logprobs=2)
+    params = request.to_sampling_params(max_tokens=5, num_logprobs=2, num_prompt_logprobs=None)
     assert params.stop == ["\n"] and params.logit_bias == {42: -100.0} and params.top_k == 3
     assert params.max_tokens == 5 and params.logprobs == 2 and params.seed == 7
     assert params.output_kind == RequestOutputKind.DELTA
-    assert CompletionRequest(prompt="Hi").to_sampling_params(5, None).output_kind == RequestOutputKind.FINAL_ONLY
+    assert CompletionRequest(prompt="Hi").to_sampling_params(5, None, None).output_kind == RequestOutputKind.FINAL_ONLY
 
 
 def test_chat_request_prefers_max_completion_tokens_and_maps_logprobs():
@@ -145,7 +145,7 @@ def test_unknown_fields_are_kept_aside_and_logged(caplog):
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"echo": True}, "echo"),
+    ({"suffix": " then"}, "suffix"),
     ({"best_of": 2}, "best_of"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
     ({"add_special_tokens": False}, "add_special_tokens"),

@@ -79,6 +79,7 @@ class SamplingRequest(RequestBody):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # per prompt position, non-streaming only
     # Accepted: they never change what is generated.
     user: str | None = None
     length_penalty: float = 1.0  # beam search only, which is refused
@@ -98,7 +99,6 @@ class SamplingRequest(RequestBody):
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    prompt_logprobs: int | None = None
     structural_tag: str | None = None
     logits_processors: list[Any] | None = None
     return_tokens_as_token_ids: bool = False
@@ -111,7 +111,8 @@ class SamplingRequest(RequestBody):
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def to_sampling_params(self, max_tokens: int, num_logprobs: int | None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, num_logprobs: int | None,
+                           num_prompt_logprobs: int | None) -> SamplingParams:
         """Raises ValueError (from SamplingParams) on combinations the field checks cannot see."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
@@ -132,6 +133,7 @@ class SamplingRequest(RequestBody):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=num_logprobs,
+            prompt_logprobs=num_prompt_logprobs,
             logit_bias=self.logit_bias or None,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
             structured_outputs=structured_outputs_of({name: getattr(self, name) for name in SOURCE_FIELDS}),
@@ -146,10 +148,10 @@ PromptBatch = str | list[TokenId] | list[str] | list[list[TokenId]]
 
 class CompletionRequest(SamplingRequest):
     prompt: PromptBatch
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt before the completion (prompt_echo.py)
     # Refused unless harmless (unsupported.py).
-    echo: bool = False
     suffix: str | None = None
     add_special_tokens: bool = True
     prompt_embeds: str | list[str] | None = None
@@ -214,6 +216,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    echo: bool = False  # vLLM's: an answer continuing an assistant's last message starts with that message
     # Tool calling where a grammar drives it (tool_calls.py).
     tools: list[JSONObject] | None = None
     tool_choice: str | JSONObject | None = None
@@ -233,7 +236,6 @@ class ChatCompletionRequest(SamplingRequest):
     reasoning_effort: str | None = None
     verbosity: str | None = None
     web_search_options: JSONObject | None = None
-    echo: bool = False
     continue_final_message: bool = False
     add_special_tokens: bool = False
     documents: list[JSONObject] | None = None

@@ -47,12 +47,25 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape for one token of a prompt position: its logprob, its rank in the vocabulary, its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# Per prompt position (None for the first, which nothing predicts): token id -> its logprob.
+PromptLogprobsOut = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsOut | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -117,6 +130,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobsOut | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagoda.entrypoints.openai.errors import OpenAIError, bad_request
+from pagoda.entrypoints.openai.prompt_echo import prompt_logprobs_out
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
 from pagoda.entrypoints.openai.tool_calls import ToolPlan, plan_tool_calls
 from pagoda.entrypoints.openai.responses import (
@@ -59,10 +60,13 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model_name = self.check_request(request, "/v1/chat/completions",
                                         {"best_of": request.n, "add_special_tokens": False})
+        if request.stream and request.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs: not available when streaming; send stream: false",
+                              "prompt_logprobs")
         plan = self._tool_plan(request)
         prompt = await self.chat_prompt(request.messages, request.add_generation_prompt, request.tools or None)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt.token_ids))
-        params = self.sampling_params(request, max_tokens, request.num_logprobs)
+        params = self.sampling_params(request, max_tokens, request.num_logprobs, request.prompt_logprobs)
         if plan is not None:
             if params.structured_outputs is not None:
                 raise bad_request("tool_choice: a request that must call a tool cannot also ask for structured "
@@ -96,14 +100,19 @@ class OpenAIServingChat(OpenAIServing):
     ) -> ChatCompletionResponse:
         choices: list[ChatChoice] = []
         usage = UsageInfo()
+        prompt_logprobs = None
         async with aclosing(outputs):
             async for output in outputs:
                 add_usage(usage, output, first=True)
+                if request.prompt_logprobs is not None:
+                    prompt_logprobs = prompt_logprobs_out(output.prompt_logprobs)
                 for completion in output.outputs:
                     logprobs = None
                     if request.num_logprobs is not None:
                         logprobs = chat_logprobs(completion, request.num_logprobs)
                     message, finish_reason = _message(completion, plan)
+                    if message.content is not None:
+                        message.content = _echoed(request) + message.content
                     choices.append(ChatChoice(
                         index=completion.index,
                         message=message,
@@ -112,7 +121,8 @@ class OpenAIServingChat(OpenAIServing):
                         stop_reason=completion.stop_reason,
                     ))
         choices.sort(key=lambda choice: choice.index)
-        return ChatCompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage)
+        return ChatCompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage,
+                                      prompt_logprobs=prompt_logprobs)
 
     async def _stream(
         self, request: ChatCompletionRequest, request_id: str, model_name: str, outputs: AsyncIterator[RequestOutput],
@@ -128,7 +138,8 @@ class OpenAIServingChat(OpenAIServing):
         first_output = True
         calls = {index: _StreamedCalls(plan) for index in range(request.n)} if plan is not None else None
         try:
-            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+            echoed = "" if plan is not None else _echoed(request)
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=echoed))
                          for i in range(request.n)])
             async with aclosing(outputs):
                 async for output in outputs:
@@ -156,6 +167,16 @@ class OpenAIServingChat(OpenAIServing):
         except OpenAIError as error:
             yield error.sse_event()
         yield "data: [DONE]\n\n"
+
+
+def _echoed(request: ChatCompletionRequest) -> str:
+    """What `echo` puts before the answer: the last message's text when it is the assistant's (the answer
+    continues it), as vLLM does; nothing otherwise."""
+    last = request.messages[-1]
+    if not request.echo or last.role != "assistant":
+        return ""
+    content = last.to_template_message()["content"]
+    return content if isinstance(content, str) else ""
 
 
 def _message(completion: CompletionOutput, plan: ToolPlan | None) -> tuple[ChatMessageOut, str | None]:

@@ -164,9 +164,10 @@ class OpenAIServing:
         return requested
 
     @staticmethod
-    def sampling_params(request: SamplingRequest, max_tokens: int, num_logprobs: int | None) -> SamplingParams:
+    def sampling_params(request: SamplingRequest, max_tokens: int, num_logprobs: int | None,
+                        num_prompt_logprobs: int | None) -> SamplingParams:
         try:
-            return request.to_sampling_params(max_tokens, num_logprobs)
+            return request.to_sampling_params(max_tokens, num_logprobs, num_prompt_logprobs)
         except ValueError as error:
             raise from_value_error(error) from error
 

@@ -1,7 +1,7 @@
 """Entrypoints layer: request parameters Pagoda does not implement, refused rather than silently dropped.
 
 OpenAI's and vLLM's request bodies carry parameters that change what is
-generated (beam search, echo, ...). Pagoda does not
+generated (beam search, a suffix, ...). Pagoda does not
 implement them, so a request that sets one to anything but a value meaning
 "off" gets a 400 naming it: a client asking for JSON must not get free text
 with a 200. Parameters that never change the output (`user`, `metadata`,
@@ -52,7 +52,6 @@ def _text_modality(value: Any) -> bool:
 # Parameter -> its harmless values. Requests are checked against the entries their model declares.
 UNSUPPORTED: tuple[Unsupported, ...] = (
     # OpenAI, completions
-    Unsupported("echo", _is(False), "echoing the prompt"),
     Unsupported("suffix", lambda v: v is None or v == "", "insertion after a suffix"),
     # OpenAI, chat
     Unsupported("functions", _empty, "function calling"),
@@ -68,7 +67,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("truncate_prompt_tokens", _unset, "prompt truncation"),
     Unsupported("allowed_token_ids", _unset, "restricting sampling to allowed token ids"),
     Unsupported("bad_words", _empty, "bad words"),
-    Unsupported("prompt_logprobs", _unset, "prompt logprobs"),
     Unsupported("structural_tag", _unset, "structural tags"),
     Unsupported("guided_whitespace_pattern", _unset, "a whitespace pattern for structured output"),
     Unsupported("logits_processors", _empty, "custom logits processors"),
