@@ -37,6 +37,8 @@ class RequestMetrics:
     num_cached_tokens: int = 0
     # Of the cached prompt tokens, those the KV store supplied, by tier name.
     kv_store_tokens: dict[str, int] = field(default_factory=dict)
+    # Seconds in the scheduler's queue before the request first ran (measured by the engine core).
+    queue_time: float | None = None
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -31,6 +31,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_cached_tokens: int = 0
     # Of the cached tokens, those the KV store supplied, by tier name.
     kv_store_tokens: dict[str, int] = msgspec.field(default_factory=dict)
+    # Seconds the request waited in the scheduler's queue before it first ran; on its first output only.
+    queue_time: float | None = None
     error: str | None = None
 
     @property

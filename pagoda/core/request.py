@@ -88,6 +88,9 @@ class Request:
         # Of those, prompt tokens whose KV the KV store supplied, by tier name.
         self.kv_store_tokens: dict[str, int] = {}
         self.num_preemptions = 0
+        # time.monotonic() when the scheduler queued it; the wait until it first ran, until reported.
+        self.queued_at = 0.0
+        self.unreported_queue_time: float | None = None
 
         self.block_hashes: list[BlockHash] = []
         self._block_hasher = block_hasher

@@ -27,6 +27,7 @@ encoder cache (`EncoderCacheManager`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from pagoda.config import CacheConfig, SchedulerConfig
@@ -122,6 +123,7 @@ class Scheduler:
             )
         if self.request_block_hasher is not None and not request.has_block_hasher:
             request.set_block_hasher(self.request_block_hasher)
+        request.queued_at = time.monotonic()
         self.waiting.add_request(request)
         self.requests[request.request_id] = request
 
@@ -237,6 +239,7 @@ class Scheduler:
             request.num_computed_tokens = num_computed_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
+                request.unreported_queue_time = time.monotonic() - request.queued_at
 
     def _limit_to_encoder_inputs(self, request: Request, num_computed_tokens: int, num_new_tokens: int,
                                  plan: SchedulePlan) -> tuple[int, EncoderInputs | None]:
@@ -346,6 +349,7 @@ class Scheduler:
             prompt_logprobs = model_runner_output.prompt_logprobs.get(request_id)
             finished = request.is_finished()
             if new_token_ids or finished or prompt_logprobs is not None:
+                queue_time, request.unreported_queue_time = request.unreported_queue_time, None
                 outputs.append(
                     EngineCoreOutput(
                         request_id=request_id,
@@ -356,6 +360,7 @@ class Scheduler:
                         stop_reason=request.stop_reason,
                         num_cached_tokens=request.num_cached_tokens,
                         kv_store_tokens=request.kv_store_tokens,
+                        queue_time=queue_time,
                     )
                 )
             if finished:

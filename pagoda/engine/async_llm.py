@@ -39,8 +39,8 @@ from pagoda.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# What a request's queue carries: an output, the error that ends the stream, or None once aborted.
-_QueueItem = RequestOutput | BaseException | None
+# What a request's queue carries: an output, or the error that ends the stream.
+_QueueItem = RequestOutput | BaseException
 
 
 class AsyncLLM:
@@ -107,7 +107,8 @@ class AsyncLLM:
 
         The last output has `finished=True`; a request that failed in the
         engine ends with finish_reason "error" and `RequestOutput.error` set.
-        After `abort(request_id)` the stream simply ends.
+        After `abort(request_id)` from elsewhere (a server draining at shutdown), the stream ends with an
+        output whose unfinished sequences have finish_reason "abort".
         """
         if self.errored:
             raise self._dead_error()
@@ -132,8 +133,6 @@ class AsyncLLM:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item is None:
-                    break  # aborted; abort() already freed it
                 finished = item.finished
                 yield item
         finally:
@@ -144,12 +143,23 @@ class AsyncLLM:
                 # cancel the abort itself, or the core would keep the request's blocks.
                 await asyncio.shield(self.abort(request_id))
 
+    def request_ids(self) -> list[str]:
+        """The requests whose outputs someone is still reading."""
+        return list(self._queues)
+
     async def abort(self, request_id: str) -> None:
-        """Stop a request: the core frees its blocks and its `generate` stream ends; unknown ids are ignored."""
+        """Stop a request: the core frees its blocks and its `generate` stream, if still read, ends with
+        finish_reason "abort"; unknown ids are ignored."""
         queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(None)
-        core_ids = self.output_processor.abort_requests([request_id])
+        if queue is None:
+            core_ids = self.output_processor.abort_requests([request_id])
+        else:
+            iteration_stats = IterationStats() if self._stat_loggers else None
+            outputs, core_ids = self.output_processor.finish_aborted(request_id, iteration_stats)
+            for output in outputs:
+                queue.put_nowait(output)
+            if iteration_stats is not None and iteration_stats.finished_requests:
+                self._log_stats(iteration_stats)
         if core_ids and not self.errored:
             await self.engine_core.abort_requests_async(core_ids)
 

@@ -24,6 +24,7 @@ class FinishedRequestStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_cached_tokens: int
+    queue_time: float | None  # None: aborted before it ever ran
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class IterationStats:
                 num_prompt_tokens=metrics.num_prompt_tokens,
                 num_generation_tokens=metrics.num_generation_tokens,
                 num_cached_tokens=metrics.num_cached_tokens,
+                queue_time=metrics.queue_time,
             )
         )
 

@@ -98,6 +98,30 @@ class OutputProcessor:
                     core_ids.append(child_id)
         return core_ids
 
+    def finish_aborted(
+        self, request_id: str, iteration_stats: IterationStats | None = None
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """End a request the engine stops while its caller still reads: each unfinished sequence finishes
+        with "abort" (carrying what it has so far, as its output kind says). Returns those outputs, the
+        last one finished, and the core-side ids to abort."""
+        parent = self.parents.get(request_id)
+        if parent is None:
+            return [], []
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        core_ids: list[str] = []
+        for index in range(parent.n):
+            state = self.request_states.get(parent.child_id(index))
+            if state is None:
+                continue
+            core_ids.append(state.request_id)
+            output = self._make_output(state, FinishReason.ABORT, None, now)
+            if output is not None:
+                outputs.append(output)
+        if iteration_stats is not None and outputs and outputs[-1].finished:
+            iteration_stats.update_from_finished_request(request_id, str(FinishReason.ABORT), parent.metrics)
+        return outputs, core_ids
+
     def process_outputs(
         self, outputs: list[EngineCoreOutput], iteration_stats: IterationStats | None = None
     ) -> tuple[list[RequestOutput], list[str]]:
@@ -130,6 +154,8 @@ class OutputProcessor:
         self, state: RequestState, output: EngineCoreOutput, now: float
     ) -> tuple[FinishReason | None, int | str | None]:
         metrics = state.parent.metrics
+        if output.queue_time is not None and metrics.queue_time is None:
+            metrics.queue_time = output.queue_time
         if output.new_token_ids and metrics.first_token_time is None:
             metrics.first_token_time = now
             metrics.num_cached_tokens = output.num_cached_tokens

@@ -115,7 +115,7 @@ def _serve(args: argparse.Namespace) -> None:
     from pagoda.entrypoints.openai.api_server import run_server
 
     engine_args = EngineArgs.from_kwargs(args.model, **_engine_kwargs(args))
-    run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name)
+    run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout)
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl-C, new requests get 503 and running ones this long to finish "
+                            "before they are aborted (finish_reason abort); a second signal stops at once")
     serve.set_defaults(handler=_serve)
     _add_bench_parser(commands)
     convert = commands.add_parser("convert", help="convert a GGUF model once into the cache and print its folder")

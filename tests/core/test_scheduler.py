@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from core_helpers import FakeRunner, make_request, make_scheduler, next_token
 
@@ -352,3 +354,19 @@ def test_xxhash_scheduler_hits() -> None:
     output, _ = runner.step()
     assert output.scheduled_new_reqs[0].num_computed_tokens == 12
     assert next_token([1]) != EOS
+
+
+def test_queue_time_is_reported_once_on_the_first_output() -> None:
+    scheduler = make_scheduler(max_num_seqs=1)
+    add(scheduler, "first", 6, max_tokens=3)
+    add(scheduler, "second", 6, offset=50, max_tokens=3)
+    runner = FakeRunner(scheduler)
+    reported: dict[str, list[float]] = {}
+    while scheduler.has_unfinished_requests():
+        _, outputs = runner.step()
+        for output in outputs:
+            if output.queue_time is not None:
+                reported.setdefault(output.request_id, []).append(output.queue_time)
+        time.sleep(0.02)  # steps take time: the second request waits the first one's three
+    (first,), (second,) = reported["first"], reported["second"]
+    assert 0 <= first < 0.02 and second >= 0.05

@@ -134,15 +134,37 @@ async def test_breaking_out_of_the_stream_aborts(engine: AsyncLLM) -> None:
     await wait_until_all_free(engine)
 
 
-async def test_abort_ends_the_stream(engine: AsyncLLM) -> None:
+async def test_abort_ends_the_stream_with_finish_reason_abort(engine: AsyncLLM) -> None:
     outputs = []
     async for output in engine.generate(PROMPT, greedy(RequestOutputKind.DELTA, max_tokens=400), "aborted"):
         outputs.append(output)
         if len(outputs) == 2:
             await engine.abort("aborted")
-    assert 2 <= len(outputs) < 400 and not outputs[-1].finished
+    assert 3 <= len(outputs) < 400 and outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+    assert outputs[-1].outputs[0].finish_reason == "abort"
     await wait_until_all_free(engine)
     assert await engine.reset_prefix_cache() is True
+
+
+async def test_an_aborted_request_of_n_sequences_returns_what_each_had(engine: AsyncLLM) -> None:
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=400, output_kind=RequestOutputKind.FINAL_ONLY)
+    stats: list[IterationStats] = []
+    engine.add_stat_logger(lambda iteration, scheduler: stats.append(iteration))
+
+    async def abort_soon() -> None:
+        while engine.output_processor.request_states.get("0_n-aborted") is None or not (
+                engine.output_processor.request_states["0_n-aborted"].output_token_ids):
+            await asyncio.sleep(0.01)
+        await engine.abort("n-aborted")
+
+    aborter = asyncio.create_task(abort_soon())
+    outputs = [output async for output in engine.generate(PROMPT, params, "n-aborted")]
+    await aborter
+    (final,) = outputs
+    assert final.finished and [c.finish_reason for c in final.outputs] == ["abort", "abort"]
+    assert final.outputs[0].token_ids and final.outputs[0].text
+    assert [f.finish_reason for s in stats for f in s.finished_requests if f.request_id == "n-aborted"] == ["abort"]
+    await wait_until_all_free(engine)
 
 
 async def test_stat_logger_sees_latencies_and_finished_requests(engine: AsyncLLM) -> None:

@@ -131,6 +131,6 @@ def test_metrics_expose_vllm_style_names(client, http):
     complete(client, PROMPTS[0], max_tokens=2)
     text = http.get("/metrics").text
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-                 "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
+                 "request_queue_time_seconds", "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
                  "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens"):
         assert f"pagoda:{name}" in text, name

@@ -85,9 +85,10 @@ def test_metrics_follow_iteration_and_scheduler_stats():
         return SchedulerStatsMessage(num_running_reqs=2, num_waiting_reqs=1, kv_cache_usage=0.25,
                                      prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=0)
 
-    finished = FinishedRequestStats("r", "length", 1.5, 10, 4, 0)
+    finished = FinishedRequestStats("r", "length", 1.5, 10, 4, 0, queue_time=0.25)
+    never_ran = FinishedRequestStats("s", "abort", 0.5, 10, 0, 0, queue_time=None)
     metrics(IterationStats(num_prompt_tokens=10, num_generation_tokens=2, time_to_first_tokens=[0.2],
-                           inter_token_latencies=[0.05], finished_requests=[finished]), stats(100, 40))
+                           inter_token_latencies=[0.05], finished_requests=[finished, never_ran]), stats(100, 40))
     metrics(IterationStats(num_generation_tokens=1, inter_token_latencies=[0.07]), stats(150, 60))
     samples = _samples(metrics)
     assert samples["pagoda:prompt_tokens_total"] == 10 and samples["pagoda:generation_tokens_total"] == 3
@@ -95,8 +96,13 @@ def test_metrics_follow_iteration_and_scheduler_stats():
     assert samples["pagoda:num_requests_running"] == 2 and samples["pagoda:kv_cache_usage_perc"] == 0.25
     assert samples["pagoda:time_to_first_token_seconds_count"] == 1
     assert samples["pagoda:inter_token_latency_seconds_count"] == 2
-    assert samples["pagoda:e2e_request_latency_seconds_sum"] == 1.5
-    assert samples["pagoda:request_success_total"] == 1
+    assert samples["pagoda:e2e_request_latency_seconds_sum"] == 2.0
+    assert samples["pagoda:request_queue_time_seconds_count"] == 1
+    assert samples["pagoda:request_queue_time_seconds_sum"] == 0.25
+    by_reason = {sample.labels["finish_reason"]: sample.value
+                 for family in text_string_to_metric_families(metrics.render().decode())
+                 for sample in family.samples if sample.name == "pagoda:request_success_total"}
+    assert by_reason == {"length": 1, "abort": 1}
     # A scrape's fresher figures and a later step's report never count the same hits twice.
     metrics.record_scheduler_stats(stats(150, 60))
     assert _samples(metrics)["pagoda:prefix_cache_hits_total"] == 60

@@ -6,7 +6,8 @@
 The engine runs in its own process behind `AsyncLLM`. Start-up builds it and
 runs a short warm-up generation before uvicorn accepts connections, so
 `/health` answers 200 only once the first request will be as fast as later
-ones; it answers 503 once the engine process has died.
+ones; it answers 503 once the engine process has died, or while the server
+drains at shutdown (SIGTERM: drain.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pagoda import envs
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.exceptions import EngineDeadError
+from pagoda.entrypoints.openai.drain import DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, Drain, DrainingServer
 from pagoda.entrypoints.openai.errors import (
     OpenAIError,
     bad_request,
@@ -166,6 +168,7 @@ def create_app(
     model_names: list[str],
     api_key: str | None = None,
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The app; its lifespan starts the engine, warms it up, and shuts it down at exit."""
 
@@ -183,6 +186,8 @@ def create_app(
                 chat=OpenAIServingChat(engine, model_names),
                 metrics=server_metrics,
             )
+            if drain is not None:
+                drain.engine = engine
             logger.info("serving %s; ready %.1f s after start-up began", model_names, time.monotonic() - started)
             yield
         finally:
@@ -190,13 +195,17 @@ def create_app(
 
     app = FastAPI(title="Pagoda", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes)
+    app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes, drain=drain)
     app.include_router(router)
     describe_errors_in_openapi(app)
     return app
 
 
 def run_server(engine_args: EngineArgs, host: str, port: int, api_key: str | None,
-               served_model_name: str | None) -> None:
-    app = create_app(engine_args, [served_model_name or engine_args.model], api_key)
-    uvicorn.run(app, host=host, port=port, log_level=envs.log_level().lower(), timeout_keep_alive=5)
+               served_model_name: str | None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS) -> None:
+    drain = Drain(shutdown_timeout)
+    app = create_app(engine_args, [served_model_name or engine_args.model], api_key, drain=drain)
+    # Past the drain every request has ended; the connections get a few seconds to send their last bytes.
+    config = uvicorn.Config(app, host=host, port=port, log_level=envs.log_level().lower(), timeout_keep_alive=5,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, drain).run()

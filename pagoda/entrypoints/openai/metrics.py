@@ -55,6 +55,9 @@ class ServerMetrics:
             "inter_token_latency_seconds", "Time between successive generated tokens.", _LATENCY_BUCKETS)
         self.e2e_request_latency = histogram(
             "e2e_request_latency_seconds", "Time from arrival to the last token.", _E2E_BUCKETS)
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds", "Time a finished request waited in the scheduler's queue before it "
+            "first ran.", _E2E_BUCKETS)
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).")
@@ -79,6 +82,8 @@ class ServerMetrics:
             self.inter_token_latency.observe(seconds)
         for finished in iteration_stats.finished_requests:
             self.e2e_request_latency.observe(finished.e2e_latency)
+            if finished.queue_time is not None:
+                self.request_queue_time.observe(finished.queue_time)
             self.request_success.labels(model_name=self._model_name,
                                        finish_reason=finished.finish_reason or "none").inc()
         if scheduler_stats is not None:

@@ -1,4 +1,5 @@
-"""Entrypoints layer: request guards in front of the app — API key on `/v1/*` and a bounded body size.
+"""Entrypoints layer: request guards in front of the app — API key on `/v1/*`, a bounded body size, and
+503 for new requests while the server drains at shutdown (drain.py).
 
 Written as plain ASGI middleware rather than Starlette's `BaseHTTPMiddleware`,
 which wraps `receive` in a way that hides a client's disconnect from
@@ -13,6 +14,7 @@ from http import HTTPStatus
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pagoda.entrypoints.openai.drain import Drain
 from pagoda.entrypoints.openai.errors import OpenAIError
 
 # Bodies larger than this are refused with 413 (a max-length prompt of token ids is ~1 MB of JSON).
@@ -20,14 +22,20 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20
 
 
 class RequestGuardMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, drain: Drain | None = None) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.drain is not None and self.drain.active and scope["path"] != "/metrics":
+            error = OpenAIError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down and takes no new "
+                                "requests; send this one to another instance", code="shutting_down")
+            await error.response()(scope, receive, send)
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorized(headers):
