@@ -115,7 +115,8 @@ def _serve(args: argparse.Namespace) -> None:
     from pagoda.entrypoints.openai.api_server import run_server
 
     engine_args = EngineArgs.from_kwargs(args.model, **_engine_kwargs(args))
-    run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout)
+    run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout,
+               args.metrics_without_api_key)
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -158,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    serve.add_argument("--metrics-without-api-key", action="store_true",
+                       help="let /metrics answer without the API key (for scrapers that send none)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM or Ctrl-C, new requests get 503 and running ones this long to finish "

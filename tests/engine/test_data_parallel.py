@@ -97,7 +97,8 @@ def test_the_server_answers_through_two_engine_cores(tmp_path_factory: pytest.Te
     import httpx
     from entrypoints.openai_server_helpers import API_KEY, start_server
 
-    server = start_server(tmp_path_factory, "--api-key", API_KEY, "--data-parallel-size", "2")
+    server = start_server(tmp_path_factory, "--api-key", API_KEY, "--metrics-without-api-key",
+                          "--data-parallel-size", "2")
     try:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         answers = [httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=120,

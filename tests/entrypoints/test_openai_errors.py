@@ -62,12 +62,17 @@ def test_unknown_model_is_404(http):
     assert error["code"] == "model_not_found"
 
 
-def test_missing_or_wrong_api_key_is_401(openai_server):
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/tokenize"),
+    ("POST", "/detokenize"), ("GET", "/metrics"), ("POST", "/reset_prefix_cache"), ("GET", "/openapi.json"),
+    ("GET", "/docs"), ("GET", "/no-such-route"),
+])
+def test_missing_or_wrong_api_key_is_401_on_every_route_but_health(openai_server, method, path):
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}):
-        response = httpx.post(f"{openai_server.url}/v1/completions", json=body, headers=headers)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"},
+                    {"Authorization": "Bearer test-key-and-more"}, {"Authorization": "Basic test-key"}):
+        response = httpx.request(method, f"{openai_server.url}{path}", json=body, headers=headers)
         assert_error(response, 401, None)
-    # Outside /v1 no key is needed.
     assert httpx.get(f"{openai_server.url}/health").status_code == 200
 
 

@@ -169,6 +169,7 @@ def create_app(
     api_key: str | None = None,
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
     drain: Drain | None = None,
+    metrics_without_api_key: bool = False,
 ) -> FastAPI:
     """The app; its lifespan starts the engine, warms it up, and shuts it down at exit."""
 
@@ -195,16 +196,20 @@ def create_app(
 
     app = FastAPI(title="Pagoda", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes, drain=drain)
+    open_paths = frozenset({"/health", "/metrics"} if metrics_without_api_key else {"/health"})
+    app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes, drain=drain,
+                       open_paths=open_paths)
     app.include_router(router)
     describe_errors_in_openapi(app)
     return app
 
 
 def run_server(engine_args: EngineArgs, host: str, port: int, api_key: str | None,
-               served_model_name: str | None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS) -> None:
+               served_model_name: str | None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+               metrics_without_api_key: bool = False) -> None:
     drain = Drain(shutdown_timeout)
-    app = create_app(engine_args, [served_model_name or engine_args.model], api_key, drain=drain)
+    app = create_app(engine_args, [served_model_name or engine_args.model], api_key, drain=drain,
+                     metrics_without_api_key=metrics_without_api_key)
     # Past the drain every request has ended; the connections get a few seconds to send their last bytes.
     config = uvicorn.Config(app, host=host, port=port, log_level=envs.log_level().lower(), timeout_keep_alive=5,
                             timeout_graceful_shutdown=5)

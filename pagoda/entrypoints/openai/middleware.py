@@ -1,5 +1,10 @@
-"""Entrypoints layer: request guards in front of the app — API key on `/v1/*`, a bounded body size, and
-503 for new requests while the server drains at shutdown (drain.py).
+"""Entrypoints layer: request guards in front of the app — the API key, a bounded body size, and 503 for
+new requests while the server drains at shutdown (drain.py).
+
+The key is asked on every route but `/health` (and `/metrics` when the
+server is started with `--metrics-without-api-key`, for scrapers that send
+none), and compared as SHA-256 digests with `secrets.compare_digest`: the
+time taken says nothing about the key, its length included.
 
 Written as plain ASGI middleware rather than Starlette's `BaseHTTPMiddleware`,
 which wraps `receive` in a way that hides a client's disconnect from
@@ -8,6 +13,7 @@ streaming responses (and a disconnect must abort the request).
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from http import HTTPStatus
 
@@ -22,11 +28,13 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20
 
 
 class RequestGuardMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, drain: Drain | None = None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, drain: Drain | None = None,
+                 open_paths: frozenset[str] = frozenset({"/health"})) -> None:
         self.app = app
-        self.api_key = api_key
+        self._key_digest = None if api_key is None else _digest(api_key.encode())
         self.max_body_bytes = max_body_bytes
         self.drain = drain
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,7 +46,7 @@ class RequestGuardMiddleware:
             await error.response()(scope, receive, send)
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorized(headers):
+        if self._key_digest is not None and scope["path"] not in self.open_paths and not self._authorized(headers):
             error = OpenAIError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key: send 'Authorization: Bearer "
                                 "<key>' with the key this server was started with", code="invalid_api_key")
             await error.response()(scope, receive, send)
@@ -51,8 +59,8 @@ class RequestGuardMiddleware:
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
-                                                                   (self.api_key or "").encode())
+        matches = secrets.compare_digest(_digest(token.strip().encode()), self._key_digest or b"")
+        return matches and scheme.lower() == "bearer"
 
     def _too_large(self) -> OpenAIError:
         return OpenAIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -72,3 +80,7 @@ class RequestGuardMiddleware:
             return message
 
         return bounded_receive
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
