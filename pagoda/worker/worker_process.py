@@ -136,7 +136,7 @@ def _dispatch(worker: Worker, call: RpcCall) -> object:
 
 def _exit_when_parent_dies(death_pipe: Connection) -> None:
     try:
-        death_pipe.recv()
+        death_pipe.recv_bytes()  # never sent to: returns only when the parent closes its end
     except EOFError:
         pass
     os._exit(1)  # the executor is gone: nobody will ever call this rank again
