@@ -6,6 +6,9 @@ Syntax: comma-separated tiers, fastest first; each tier is one of
     disk:PATH:SIZE               local disk directory (at most once)
     redis://HOST:PORT/DB         a Redis server shared by every engine naming it
     redis://:PASSWORD@HOST:PORT/DB
+    rediss://HOST:PORT/DB        the same over TLS; the server's CA and a client
+                                 certificate as query parameters, e.g.
+                                 rediss://h:6380/0?ssl_ca_certs=/etc/ca.crt&ssl_certfile=/etc/c.crt&ssl_keyfile=/etc/c.key
 
 followed by any of these `+option` suffixes:
 
@@ -45,7 +48,10 @@ from urllib.parse import urlsplit
 KINDS = ("cpu", "disk", "redis")
 DEFAULT_POLICY = "lru"
 DEFAULT_NAMESPACE = "pagoda-kv"
-FORMS = "cpu:SIZE, disk:PATH:SIZE or redis://HOST:PORT/DB"
+FORMS = "cpu:SIZE, disk:PATH:SIZE, redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS)"
+REDIS_SCHEMES = ("redis://", "rediss://")
+# What a rediss:// URL's query may set (redis-py reads them): the CA, a client certificate, the checks.
+TLS_PARAMETERS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 # The names `pagoda.kvstore.policies.make_policy` accepts (a test keeps the two in step).
 EVICTION_POLICIES = ("fifo", "lfu", "lru", "mru")
 
@@ -110,8 +116,8 @@ def _check_option_applies(kind: str, option: str) -> None:
 
 def _check_redis_url(url: str) -> None:
     shown = redact_url(url)
-    if not url.startswith("redis://"):
-        raise ValueError(f"bad Redis URL {shown!r}: expected redis://HOST:PORT/DB")
+    if not url.startswith(REDIS_SCHEMES):
+        raise ValueError(f"bad Redis URL {shown!r}: expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -122,11 +128,29 @@ def _check_redis_url(url: str) -> None:
         raise ValueError(f"bad Redis URL {shown!r}: the port must be a number from 0 to 65535") from None
     if not parts.hostname:
         raise ValueError(f"bad Redis URL {shown!r}: missing host (expected redis://HOST:PORT/DB)")
-    if parts.query or parts.fragment:
-        raise ValueError(f"bad Redis URL {shown!r}: no query or fragment allowed (options go after '+')")
+    if parts.fragment:
+        raise ValueError(f"bad Redis URL {shown!r}: no fragment allowed (options go after '+')")
+    if parts.query:
+        _check_tls_query(shown, parts.scheme, parts.query)
     database = parts.path.lstrip("/")
     if database and not database.isdigit():
         raise ValueError(f"bad Redis URL {shown!r}: the database after '/' must be a number, got {database!r}")
+
+
+def _check_tls_query(shown: str, scheme: str, query: str) -> None:
+    if scheme != "rediss":
+        raise ValueError(f"bad Redis URL {shown!r}: a query is only for rediss:// (TLS) parameters; "
+                         "store options go after '+'")
+    for name, _, value in (item.partition("=") for item in query.split("&")):
+        if name not in TLS_PARAMETERS:
+            raise ValueError(f"bad Redis URL {shown!r}: unknown TLS parameter {name!r}; expected "
+                             f"{', '.join(TLS_PARAMETERS)}")
+        if not value:
+            raise ValueError(f"bad Redis URL {shown!r}: {name} needs a value")
+        if name == "ssl_cert_reqs" and value not in ("required", "optional", "none"):
+            raise ValueError(f"bad Redis URL {shown!r}: ssl_cert_reqs is required, optional or none, got {value!r}")
+        if name == "ssl_check_hostname" and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"bad Redis URL {shown!r}: ssl_check_hostname is true or false, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,7 +272,7 @@ def _parse_options(kind: str, suffixes: list[str]) -> dict[str, Any]:
 
 def _parse_tier(item: str) -> TierSpec:
     base, *suffixes = item.split("+")
-    if base.startswith("redis://"):
+    if base.startswith(REDIS_SCHEMES):
         return TierSpec(kind="redis", url=base, **_parse_options("redis", suffixes))
     kind, _, rest = base.partition(":")
     if kind == "cpu":
@@ -261,8 +285,8 @@ def _parse_tier(item: str) -> TierSpec:
             missing = "path and size" if not colon else "path" if not path else "size"
             raise ValueError(f"missing {missing}: expected disk:PATH:SIZE, e.g. disk:/var/cache/pagoda-kv:20GiB")
         return TierSpec(kind="disk", path=path, size_bytes=parse_size(size), **_parse_options("disk", suffixes))
-    if kind == "redis":
-        raise ValueError("expected redis://HOST:PORT/DB")
+    if kind in ("redis", "rediss"):
+        raise ValueError("expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
     raise ValueError(f"unknown tier kind {kind!r}; expected {FORMS}")
 
 

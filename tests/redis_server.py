@@ -54,14 +54,15 @@ class RedisServer:
         if self.running:
             raise RuntimeError(f"redis-server on port {self.port} is already running")
         log = (self.directory / "redis.log").open("ab")
-        self._process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self._process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
         log.close()  # the child holds its own descriptor
         self._wait_until_ready()
         return self
+
+    def command(self) -> list[str]:
+        """The server's command line; a later `--port` or other setting given after these overrides them."""
+        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.directory)]
 
     def stop(self) -> None:
         """Kill the server at once (no shutdown save), like a crash or a lost host."""

@@ -67,7 +67,7 @@ def test_decoding_checks_again() -> None:
     [
         ("", "--kv-store is empty"),
         ("cpu:1GiB,,disk:/x:1GiB", "tier 2 is empty"),
-        ("gpu:4GiB", "item 'gpu:4GiB': unknown tier kind 'gpu'; expected cpu:SIZE, disk:PATH:SIZE or redis://"),
+        ("gpu:4GiB", "item 'gpu:4GiB': unknown tier kind 'gpu'; expected cpu:SIZE, disk:PATH:SIZE, redis://"),
         ("redis:host:6379", "item 'redis:host:6379': expected redis://HOST:PORT/DB"),
         ("cpu", "item 'cpu': missing size: expected cpu:SIZE"),
         ("disk:/x:", "item 'disk:/x:': missing size"),
@@ -93,7 +93,7 @@ def test_decoding_checks_again() -> None:
         ("redis://h:port/0", "the port must be a number"),
         ("redis:///0", "missing host"),
         ("redis://h/zero", "the database after '/' must be a number, got 'zero'"),
-        ("redis://h/0?db=1", "no query or fragment allowed"),
+        ("redis://h/0?db=1", "a query is only for rediss:// "),
         ("redis://h/0+namespace=a b", "namespace must be letters, digits or '._:-'"),
     ],
 )  # fmt: skip

@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from pagoda.kv_store_spec import redact_url
+from pagoda.kv_store_spec import REDIS_SCHEMES, redact_url
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.tiers.base import StorageTier
 
@@ -57,8 +57,8 @@ class RedisTier(StorageTier):
         timeout_s: float = 2.0,
     ) -> None:
         super().__init__()
-        if not url.startswith("redis://"):
-            raise ValueError(f"Redis URL must start with redis://, got {redact_url(url)!r}")
+        if not url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"Redis URL must start with redis:// or rediss://, got {redact_url(url)!r}")
         if not namespace:
             raise ValueError("Redis namespace must not be empty")
         if retry_interval_s <= 0 or connect_timeout_s <= 0 or timeout_s <= 0:
