@@ -32,7 +32,7 @@ from pagoda.engine.iteration_stats import IterationStats, StatLogger
 from pagoda.engine.llm_engine import prepare_request
 from pagoda.engine.messages import SchedulerStatsMessage
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType
+from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType, cache_salt_of
 from pagoda.engine.tokenizer import load_tokenizer_in_background
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -115,6 +115,7 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            cache_salt = cache_salt_of(prompt, cache_salt)  # the processed prompt no longer carries it
             prompt = await self.process_prompt(prompt, add_special_tokens)
         prepared = prepare_request(
             self.input_processor, request_id, prompt, sampling_params, priority, cache_salt,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pagoda.config import PagodaConfig
 from pagoda.engine.core_client import EngineCoreClient, make_client
 from pagoda.engine.input_processor import InputProcessor, make_input_processor
-from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType
+from pagoda.engine.prompt_inputs import ProcessedPrompt, PromptType, cache_salt_of
 from pagoda.engine.messages import EngineCoreRequest, SchedulerStatsMessage
 from pagoda.engine.output_processor import OutputProcessor, ParentRequest
 from pagoda.engine.tokenizer import load_tokenizer_in_background
@@ -36,6 +36,7 @@ def prepare_request(
     add_special_tokens: bool = True,
 ) -> PreparedRequest:
     """Validate and tokenize one user request and fan it out into its `n` core requests."""
+    cache_salt = cache_salt_of(prompt, cache_salt)
     processed = input_processor.process_prompt(prompt, add_special_tokens)
     token_ids = processed.token_ids
     first = input_processor.process(request_id, token_ids, params, priority=priority, cache_salt=cache_salt,

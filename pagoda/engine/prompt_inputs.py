@@ -2,8 +2,9 @@
 
 A prompt is text, a list of token ids, or a dict:
 `{"prompt": text, "multi_modal_data": {"image": image or [images]},
-"mm_processor_kwargs": {...}}` (or `"prompt_token_ids"` instead of
-`"prompt"`, without images). An image is a PIL image, a file path, bytes or
+"mm_processor_kwargs": {...}, "cache_salt": "tenant"}` (or `"prompt_token_ids"`
+instead of `"prompt"`, without images; prefix-cache blocks are shared only
+between prompts of equal salts). An image is a PIL image, a file path, bytes or
 a `data:` URI. Chat messages may carry OpenAI-style content parts; those are
 turned into the `{"type": "image"}` / `{"type": "text"}` parts chat
 templates expect, with the images collected in order.
@@ -18,7 +19,7 @@ from pagoda.core.multimodal import MultiModalFeature
 
 PromptType = str | list[int] | dict[str, Any]
 
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs", "cache_salt"}
 # Content-part types carrying an image, and where each keeps it.
 _IMAGE_PARTS = {"image_url": "image_url", "image": "image", "image_pil": "image_pil"}
 
@@ -59,6 +60,9 @@ def _parse_dict_prompt(prompt: dict[str, Any]) -> ParsedPrompt:
     parsed = parse_prompt(prompt["prompt"] if "prompt" in prompt else list(prompt["prompt_token_ids"]))
     if "prompt" in prompt and not isinstance(prompt["prompt"], str):
         raise ValueError(f"'prompt' must be a string, got {type(prompt['prompt']).__name__}")
+    salt = prompt.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
     kwargs = prompt.get("mm_processor_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"mm_processor_kwargs must be a dict, got {type(kwargs).__name__}")
@@ -115,3 +119,11 @@ def _image_of_part(part: dict[str, Any], key: str) -> Any:
     if value is None:
         raise ValueError(f"a content part of type {part['type']!r} needs its {key!r} field")
     return value
+
+
+def cache_salt_of(prompt: PromptType | ProcessedPrompt, cache_salt: str | None) -> str | None:
+    """The request's salt: the argument's, or the prompt dict's `cache_salt` (vLLM's spelling); not both."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and cache_salt is not None and salt != cache_salt:
+        raise ValueError(f"two cache salts for one request: {cache_salt!r} and the prompt's {salt!r}")
+    return cache_salt if cache_salt is not None else salt

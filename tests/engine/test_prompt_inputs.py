@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagoda.engine.prompt_inputs import parse_prompt, split_chat_images
+from pagoda.engine.prompt_inputs import cache_salt_of, parse_prompt, split_chat_images
 
 
 def test_text_ids_and_dicts_parse() -> None:
@@ -58,3 +58,14 @@ def test_chat_image_parts_become_template_parts_in_order() -> None:
 def test_bad_content_parts_name_the_problem(part: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         split_chat_images([{"role": "user", "content": [part]}])
+
+
+def test_a_prompt_dict_may_carry_the_cache_salt_which_must_agree_with_the_argument() -> None:
+    assert cache_salt_of({"prompt": "x", "cache_salt": "a"}, None) == "a"
+    assert cache_salt_of({"prompt": "x", "cache_salt": "a"}, "a") == "a"
+    assert cache_salt_of({"prompt": "x"}, "b") == "b" and cache_salt_of("x", None) is None
+    with pytest.raises(ValueError, match="two cache salts"):
+        cache_salt_of({"prompt": "x", "cache_salt": "a"}, "b")
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+            parse_prompt({"prompt": "x", "cache_salt": bad})
