@@ -8,6 +8,7 @@ size, max_model_len) run in the engine's `InputProcessor`.
 
 from __future__ import annotations
 
+import functools
 import json
 from enum import IntEnum
 from typing import Any
@@ -16,6 +17,8 @@ import msgspec
 
 # Temperatures below this are treated as greedy, as in vLLM.
 GREEDY_EPSILON = 1e-5
+# More sequences per request than this is a mistake (each is a request in the scheduler).
+MAX_N = 1024
 
 
 class RequestOutputKind(IntEnum):
@@ -105,10 +108,26 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self._check_types()
         self._validate()
 
+    def _check_types(self) -> None:
+        """Every field of its declared type (an int where a float goes becomes a float): a seed of 1.5 or a
+        bool for n is refused here, naming the field, not deep in the engine for the whole batch."""
+        try:
+            checked = msgspec.convert(msgspec.structs.asdict(self), _field_types(), strict=True)
+        except msgspec.ValidationError as error:
+            raise ValueError(f"SamplingParams: {error}") from None
+        for name in self.__struct_fields__:
+            setattr(self, name, getattr(checked, name))
+
     def _validate(self) -> None:
-        _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
+        _check(1 <= self.n <= MAX_N, "n", f"must be from 1 to {MAX_N}, got {self.n}")
+        for name in ("top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or -(2**63) <= value < 2**63, name, f"must fit in 64 bits, got {value}")
+        _check(all(t < 2**63 for t in [*self.stop_token_ids, *(self.logit_bias or ())]), "stop_token_ids",
+               "and logit_bias keys must be token ids (below 2**63)")
         _check(self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= -1, "top_k", f"must be -1, 0 (all tokens) or positive, got {self.top_k}")
@@ -116,6 +135,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         _check(self.repetition_penalty > 0.0, "repetition_penalty", f"must be positive, got {self.repetition_penalty}")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        # The n sequences are seeded seed, seed + 1, ...: all must fit a generator's 64 bits.
+        _check(self.seed is None or -(2**63) <= self.seed and self.seed + self.n <= 2**64, "seed",
+               f"must fit in 64 bits (from -2**63 to 2**64 - n), got {self.seed}")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
         _check(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
         _check(
@@ -143,3 +165,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ValueError(f"SamplingParams.{field} {message}")
+
+
+@functools.cache
+def _field_types() -> type[msgspec.Struct]:
+    """SamplingParams' fields and types without its checks, for one strict conversion (msgspec caches a
+    Struct's type information; converting field by field would rebuild it each time)."""
+    fields = [(f.name, f.type) for f in msgspec.structs.fields(SamplingParams)]
+    return msgspec.defstruct("SamplingParamsFields", fields, kw_only=True)
