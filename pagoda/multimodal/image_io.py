@@ -29,6 +29,7 @@ import io
 import re
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,19 @@ def _open_bytes(data: bytes, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
         raise ValueError(f"corrupt image header: {err}") from None
     _check_pixels(image.size, max_pixels)
+    if image.format == "PNG":
+        _check_png_chunks(data)
     return image
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk's CRC: PIL's decoder skips them, and a damaged PNG would decode into other pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(io.BytesIO(data), formats=("PNG",)).verify()
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
+        raise ValueError(f"corrupt or truncated PNG data: {err}") from None
 
 
 def _orientation(image: Image.Image) -> int:
@@ -157,10 +170,19 @@ def _unsupported_message(data: bytes) -> str:
     prefix = data[:_SNIFF_BYTES]
     Image.init()
     # PIL's `accept` functions compare magic bytes only; no plugin parses the data here.
+    if not data:
+        return f"the image is empty (0 bytes; supported formats: {supported})"
     for name, (_, accept) in Image.OPEN.items():
-        if name not in SUPPORTED_FORMATS and accept is not None and accept(prefix):
+        if name not in SUPPORTED_FORMATS and accept is not None and _accepts(accept, prefix):
             return f"unsupported image format {name} (supported: {supported})"
     return f"not an image in a supported format (supported: {supported})"
+
+
+def _accepts(accept: Callable[[bytes], object], prefix: bytes) -> bool:
+    try:
+        return bool(accept(prefix))
+    except (struct.error, IndexError, ValueError):  # some plugins' checks read past a short prefix
+        return False
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
