@@ -123,11 +123,6 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     def _validate(self) -> None:
         _check(1 <= self.n <= MAX_N, "n", f"must be from 1 to {MAX_N}, got {self.n}")
-        for name in ("top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            _check(value is None or -(2**63) <= value < 2**63, name, f"must fit in 64 bits, got {value}")
-        _check(all(t < 2**63 for t in [*self.stop_token_ids, *(self.logit_bias or ())]), "stop_token_ids",
-               "and logit_bias keys must be token ids (below 2**63)")
         _check(self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= -1, "top_k", f"must be -1, 0 (all tokens) or positive, got {self.top_k}")
@@ -153,6 +148,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             "prompt_logprobs",
             f"must be non-negative, got {self.prompt_logprobs}",
         )
+        for name in ("top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or -(2**63) <= value < 2**63, name, f"must fit in 64 bits, got {value}")
+        _check(all(t < 2**63 for t in [*self.stop_token_ids, *(self.logit_bias or ())]), "stop_token_ids",
+               "and logit_bias keys must be token ids (below 2**63)")
         if self.logit_bias is not None:
             _check(all(t >= 0 for t in self.logit_bias), "logit_bias", "keys must be non-negative token ids")
             _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",

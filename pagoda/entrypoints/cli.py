@@ -116,7 +116,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     engine_args = EngineArgs.from_kwargs(args.model, **_engine_kwargs(args))
     run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout,
-               args.metrics_without_api_key)
+               args.metrics_without_api_key, args.request_body_timeout)
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM or Ctrl-C, new requests get 503 and running ones this long to finish "
                             "before they are aborted (finish_reason abort); a second signal stops at once")
+    serve.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="a request body not all received within this time gets 408 (slow clients)")
     serve.set_defaults(handler=_serve)
     _add_bench_parser(commands)
     convert = commands.add_parser("convert", help="convert a GGUF model once into the cache and print its folder")

@@ -38,7 +38,11 @@ from pagoda.entrypoints.openai.errors import (
     install_error_handlers,
 )
 from pagoda.entrypoints.openai.metrics import ServerMetrics
-from pagoda.entrypoints.openai.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES, RequestGuardMiddleware
+from pagoda.entrypoints.openai.middleware import (
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS,
+    RequestGuardMiddleware,
+)
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -170,6 +174,7 @@ def create_app(
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
     drain: Drain | None = None,
     metrics_without_api_key: bool = False,
+    request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS,
 ) -> FastAPI:
     """The app; its lifespan starts the engine, warms it up, and shuts it down at exit."""
 
@@ -198,7 +203,7 @@ def create_app(
     install_error_handlers(app)
     open_paths = frozenset({"/health", "/metrics"} if metrics_without_api_key else {"/health"})
     app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes, drain=drain,
-                       open_paths=open_paths)
+                       open_paths=open_paths, body_timeout_s=request_body_timeout)
     app.include_router(router)
     describe_errors_in_openapi(app)
     return app
@@ -206,10 +211,11 @@ def create_app(
 
 def run_server(engine_args: EngineArgs, host: str, port: int, api_key: str | None,
                served_model_name: str | None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
-               metrics_without_api_key: bool = False) -> None:
+               metrics_without_api_key: bool = False,
+               request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS) -> None:
     drain = Drain(shutdown_timeout)
     app = create_app(engine_args, [served_model_name or engine_args.model], api_key, drain=drain,
-                     metrics_without_api_key=metrics_without_api_key)
+                     metrics_without_api_key=metrics_without_api_key, request_body_timeout=request_body_timeout)
     # Past the drain every request has ended; the connections get a few seconds to send their last bytes.
     config = uvicorn.Config(app, host=host, port=port, log_level=envs.log_level().lower(), timeout_keep_alive=5,
                             timeout_graceful_shutdown=5)
