@@ -1,15 +1,15 @@
-"""Entrypoints layer: the `pagoda` command (`generate`, `serve`, `bench`, `convert`), flags named like vLLM's."""
+"""Entrypoints layer: the `pagoda` command (`generate`, `chat`, `serve`, `bench`, `convert`), flags named like
+vLLM's, each with its help and default (cli_flags.py)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import sys
 import time
 
 from pagoda import envs
+from pagoda.entrypoints.cli_flags import HelpFormatter, add_engine_flags, engine_kwargs
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -19,84 +19,11 @@ DEFAULT_PROMPTS = (
 )
 
 
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    from pagoda.config import EC_ROLES
-    from pagoda.engine.arg_utils import EngineArgs
-
-    defaults = EngineArgs()
-    parser.add_argument("model", nargs="?", default=defaults.model,
-                        help="alias (gemma3-270m, smollm2-135m), Hugging Face folder, or .gguf file")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=defaults.enable_prefix_caching)
-    parser.add_argument("--prefix-caching-hash-algo", default=defaults.prefix_caching_hash_algo,
-                        choices=["sha256", "xxhash"])
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for KV blocks")
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
-    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
-                        default=defaults.enable_chunked_prefill)
-    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=defaults.scheduling_policy,
-                        help="waiting requests in arrival order, or by each request's priority (lower first)")
-    parser.add_argument("--quantization", choices=["int8"], default=None,
-                        help="weight-only quantization of the linear layers (opt-in)")
-    parser.add_argument("--kv-store", default=None, metavar="TIERS",
-                        help="tiered KV store, fastest first, e.g. "
-                             "cpu:4GiB,disk:/var/cache/pagoda-kv:20GiB,redis://127.0.0.1:6379/0 (see README)")
-    parser.add_argument("--kv-store-chunk-size", type=int, default=defaults.kv_store_chunk_size,
-                        help="tokens per stored chunk (a multiple of --block-size)")
-    parser.add_argument("--kv-store-load-mode", choices=["layerwise", "bulk", "async"],
-                        default=defaults.kv_store_load_mode)
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
-                        help="ranks splitting the model (gloo on CPU, NCCL on CUDA)")
-    parser.add_argument("--data-parallel-size", "-dp", type=int, default=defaults.data_parallel_size,
-                        help="engine cores (processes, each with its own scheduler and KV cache) behind one front end")
-    parser.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None,
-                        help="where the ranks run: uni (in the engine process), mp (local worker processes), "
-                             "ray (Ray actors, also on other nodes); default mp with more than one rank, else uni")
-    parser.add_argument("--mm-processor-kwargs", type=_json_object, default=None, metavar="JSON",
-                        help='image processor options for every image, e.g. \'{"do_pan_and_scan": true}\'')
-    parser.add_argument("--limit-mm-per-prompt", type=_json_object, default=None, metavar="JSON",
-                        help='most images per prompt, e.g. \'{"image": 2}\'')
-    parser.add_argument("--mm-processor-cache-gb", type=float, default=defaults.mm_processor_cache_gb,
-                        help="processor cache for preprocessed images (0 turns it off)")
-    parser.add_argument("--encoder-cache-size", type=int, default=None,
-                        help="encoder output rows the encoder cache holds (default: max(8192, batched tokens))")
-    parser.add_argument("--max-num-encoder-input-tokens", type=int, default=None,
-                        help="encoder output rows one step may compute (default: --max-num-batched-tokens)")
-    parser.add_argument("--ec-store", default=None, metavar="TIERS",
-                        help="store for image encoder outputs, same tier syntax as --kv-store, e.g. "
-                             "disk:/var/cache/pagoda-ec:20GiB,redis://127.0.0.1:6379/0 (needs --ec-role)")
-    parser.add_argument("--ec-role", choices=list(EC_ROLES), default=None,
-                        help="ec_producer saves encoder outputs, ec_consumer loads them instead of encoding, "
-                             "ec_both does both")
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    from pagoda.engine.arg_utils import EngineArgs
-
-    names = {f.name for f in dataclasses.fields(EngineArgs)} - {"model"}
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
-
-
 def _generate(args: argparse.Namespace) -> None:
     from pagoda import LLM, SamplingParams
 
     started = time.monotonic()
-    llm = LLM(args.model, **_engine_kwargs(args))
+    llm = LLM(args.model, **engine_kwargs(args))
     print(f"engine ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -114,7 +41,7 @@ def _serve(args: argparse.Namespace) -> None:
     from pagoda.engine.arg_utils import EngineArgs
     from pagoda.entrypoints.openai.api_server import run_server
 
-    engine_args = EngineArgs.from_kwargs(args.model, **_engine_kwargs(args))
+    engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs(args))
     run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout,
                args.metrics_without_api_key, args.request_body_timeout)
 
@@ -126,53 +53,86 @@ def _bench_serve(args: argparse.Namespace) -> None:
                   args.api_key)
 
 
-def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks against a running server")
-    kinds = bench.add_subparsers(dest="bench_command", required=True)
-    serve = kinds.add_parser("serve", help="the serving reference workload: N streaming clients, token-id prompts")
-    serve.add_argument("--base-url", default="http://127.0.0.1:8000")
-    serve.add_argument("--num-clients", type=int, default=8, help="each keeps one request in flight")
-    serve.add_argument("--num-requests", type=int, default=32)
-    serve.add_argument("--prompt-len", type=int, default=256, help="BOS + random token ids")
-    serve.add_argument("--max-tokens", type=int, default=128, help="exactly this many new tokens per request")
-    serve.add_argument("--api-key", default=None)
-    serve.set_defaults(handler=_bench_serve)
-
-
 def _convert(args: argparse.Namespace) -> None:
     from pagoda.models.resolve import resolve_model
 
     print(resolve_model(args.model))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference engine")
-    commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="generate text for a few prompts")
-    _add_engine_flags(generate)
-    generate.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a few examples")
-    generate.add_argument("--max-tokens", type=int, default=48)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser("generate", formatter_class=HelpFormatter, help="generate text for a few prompts",
+                                   description="Generate text for a few prompts with the offline engine.")
+    add_engine_flags(generate)
+    sampling = generate.add_argument_group("sampling")
+    sampling.add_argument("--prompt", action="append", help="a prompt (repeatable; default: a few examples)")
+    sampling.add_argument("--max-tokens", type=int, default=48, help="tokens to generate per prompt")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    sampling.add_argument("--sampling-seed", type=int, default=None,
+                          help="per-request sampling seed (default: none, i.e. unseeded)")
     generate.set_defaults(handler=_generate)
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    _add_engine_flags(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
-    serve.add_argument("--metrics-without-api-key", action="store_true",
-                       help="let /metrics answer without the API key (for scrapers that send none)")
-    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="on SIGTERM or Ctrl-C, new requests get 503 and running ones this long to finish "
-                            "before they are aborted (finish_reason abort); a second signal stops at once")
-    serve.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="a request body not all received within this time gets 408 (slow clients)")
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", formatter_class=HelpFormatter, help="run the OpenAI-compatible HTTP server",
+                                description="Run the OpenAI-compatible HTTP server.")
+    add_engine_flags(serve)
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only unless changed)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on")
+    server.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health (default: none)")
+    server.add_argument("--metrics-without-api-key", action="store_true",
+                        help="let /metrics answer without the API key (for scrapers that send none)")
+    server.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C, new requests get 503 and running ones this long to finish "
+                             "before they are aborted (finish_reason abort); a second signal stops at once")
+    server.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a request body not all received within this time gets 408 (slow clients)")
     serve.set_defaults(handler=_serve)
-    _add_bench_parser(commands)
-    convert = commands.add_parser("convert", help="convert a GGUF model once into the cache and print its folder")
-    convert.add_argument("model")
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    from pagoda.entrypoints.offline_bench import add_latency_parser, add_throughput_parser
+
+    bench = commands.add_parser("bench", formatter_class=HelpFormatter, help="benchmarks: serve, throughput, latency",
+                                description="Benchmarks with vLLM's flag names: a running server, or the offline "
+                                            "engine.")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,throughput,latency}")
+    serve = kinds.add_parser("serve", formatter_class=HelpFormatter,
+                             help="the serving reference workload: N streaming clients, token-id prompts",
+                             description="Streams the serving reference workload to a running server.")
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server")
+    serve.add_argument("--num-clients", type=int, default=8, help="each keeps one request in flight")
+    serve.add_argument("--num-requests", type=int, default=32, help="requests in all")
+    serve.add_argument("--prompt-len", type=int, default=256, help="BOS + random token ids")
+    serve.add_argument("--max-tokens", type=int, default=128, help="exactly this many new tokens per request")
+    serve.add_argument("--api-key", default=None, help="the server's API key (default: none)")
+    serve.set_defaults(handler=_bench_serve)
+    add_throughput_parser(kinds, HelpFormatter)
+    add_latency_parser(kinds, HelpFormatter)
+
+
+def _add_convert_parser(commands: argparse._SubParsersAction) -> None:
+    convert = commands.add_parser("convert", formatter_class=HelpFormatter,
+                                  help="convert a GGUF model once into the cache and print its folder",
+                                  description="Convert a GGUF model once into ~/.cache/pagoda and print its folder.")
+    convert.add_argument("model", help="alias (gemma3-270m, smollm2-135m) or .gguf file")
     convert.set_defaults(handler=_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pagoda.entrypoints.chat_cli import add_chat_parser
+
+    parser = argparse.ArgumentParser(prog="pagoda", formatter_class=HelpFormatter,
+                                     description="Pagoda LLM inference engine. `pagoda VERB --help` shows a verb's "
+                                                 "flags.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench,convert}")
+    _add_generate_parser(commands)
+    add_chat_parser(commands, HelpFormatter)
+    _add_serve_parser(commands)
+    _add_bench_parser(commands)
+    _add_convert_parser(commands)
     return parser
 
 
