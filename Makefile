@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 MODEL ?= gemma3-270m
 
-.PHONY: run install lint test test-fast bench clean
+.PHONY: run install test-tools lint test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,16 +16,20 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
+# The chat page's browser test drives Debian's Chromium through its ChromeDriver.
+test-tools: install
+	command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
 run: install
 	$(VENV)/bin/pagoda generate $(MODEL)
 
 lint: install
 	$(VENV)/bin/ruff check pagoda tests benchmarks
 
-test: lint
+test: lint test-tools
 	$(PYTHON) -m pytest -q tests
 
-test-fast: lint
+test-fast: lint test-tools
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # Each benchmark rewrites its own sections of docs/benchmarks.md; append later ones to this list.

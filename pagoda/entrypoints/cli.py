@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs(args))
     run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout,
-               args.metrics_without_api_key, args.request_body_timeout)
+               args.metrics_without_api_key, args.request_body_timeout, args.chat_page)
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -89,6 +89,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                              "before they are aborted (finish_reason abort); a second signal stops at once")
     server.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="a request body not all received within this time gets 408 (slow clients)")
+    server.add_argument("--chat-page", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve a chat page at / (one static file; --no-chat-page turns it off)")
     serve.set_defaults(handler=_serve)
 
 

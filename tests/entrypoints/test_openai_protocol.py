@@ -182,3 +182,11 @@ def test_the_openapi_schema_declares_the_request_bodies_and_openai_errors():
     chat = schema["components"]["schemas"]["ChatCompletionRequest"]
     assert {"messages", "tools", "response_format", "user"} <= set(chat["properties"])
     assert chat["additionalProperties"] is True
+
+
+def test_the_chat_page_route_exists_unless_turned_off():
+    def paths(**kwargs) -> set[str]:
+        return {route.path for route in create_app(EngineArgs(model="smollm2-135m"), ["m"], **kwargs).routes}
+
+    assert "/" in paths() and "/" not in paths(chat_page=False)
+    assert build_parser().parse_args(["serve", "--no-chat-page"]).chat_page is False

@@ -7,13 +7,15 @@ The engine runs in its own process behind `AsyncLLM`. Start-up builds it and
 runs a short warm-up generation before uvicorn accepts connections, so
 `/health` answers 200 only once the first request will be as fast as later
 ones; it answers 503 once the engine process has died, or while the server
-drains at shutdown (SIGTERM: drain.py).
+drains at shutdown (SIGTERM: drain.py). `/` serves the chat page
+(static/chat.html) unless `--no-chat-page`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from importlib import resources
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +25,7 @@ from http import HTTPStatus
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pagoda import envs
@@ -167,6 +169,12 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     return JSONResponse(DetokenizeResponse(prompt=serving.tokenizer.decode(body.tokens)).model_dump())
 
 
+async def chat_page_response() -> HTMLResponse:
+    """The chat page (one static file shipped in the package)."""
+    page = resources.files("pagoda.entrypoints.openai").joinpath("static/chat.html").read_text(encoding="utf-8")
+    return HTMLResponse(page)
+
+
 def create_app(
     engine_args: EngineArgs,
     model_names: list[str],
@@ -175,6 +183,7 @@ def create_app(
     drain: Drain | None = None,
     metrics_without_api_key: bool = False,
     request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS,
+    chat_page: bool = True,
 ) -> FastAPI:
     """The app; its lifespan starts the engine, warms it up, and shuts it down at exit."""
 
@@ -201,10 +210,14 @@ def create_app(
 
     app = FastAPI(title="Pagoda", lifespan=lifespan)
     install_error_handlers(app)
-    open_paths = frozenset({"/health", "/metrics"} if metrics_without_api_key else {"/health"})
+    # The page itself is public (it asks for the key); its calls to /v1 are not.
+    open_paths = frozenset({"/health"} | ({"/metrics"} if metrics_without_api_key else set())
+                           | ({"/"} if chat_page else set()))
     app.add_middleware(RequestGuardMiddleware, api_key=api_key, max_body_bytes=max_request_body_bytes, drain=drain,
                        open_paths=open_paths, body_timeout_s=request_body_timeout)
     app.include_router(router)
+    if chat_page:
+        app.add_api_route("/", chat_page_response, methods=["GET"], include_in_schema=False)
     describe_errors_in_openapi(app)
     return app
 
@@ -212,10 +225,11 @@ def create_app(
 def run_server(engine_args: EngineArgs, host: str, port: int, api_key: str | None,
                served_model_name: str | None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
                metrics_without_api_key: bool = False,
-               request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS) -> None:
+               request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS, chat_page: bool = True) -> None:
     drain = Drain(shutdown_timeout)
     app = create_app(engine_args, [served_model_name or engine_args.model], api_key, drain=drain,
-                     metrics_without_api_key=metrics_without_api_key, request_body_timeout=request_body_timeout)
+                     metrics_without_api_key=metrics_without_api_key, request_body_timeout=request_body_timeout,
+                     chat_page=chat_page)
     # Past the drain every request has ended; the connections get a few seconds to send their last bytes.
     config = uvicorn.Config(app, host=host, port=port, log_level=envs.log_level().lower(), timeout_keep_alive=5,
                             timeout_graceful_shutdown=5)
