@@ -1,4 +1,5 @@
-"""Writes one benchmark's table into docs/benchmarks.md (or another doc), replacing its previous section."""
+"""Writes one benchmark's table into docs/benchmarks.md (or another doc), replacing its previous section, and
+draws its tables (plots.py)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,15 @@ def vector_units() -> str:
     return f" ({names[0]})" if names else ""
 
 
-def write_section(title: str, body: str, command: str, doc: Path = DOC, header: str = HEADER) -> None:
-    """Replaces (or appends) section `title` of `doc`; a new doc starts with `header`."""
+def write_section(title: str, body: str, command: str, doc: Path = DOC, header: str = HEADER,
+                  plot: bool = True) -> None:
+    """Replaces (or appends) section `title` of `doc`; a new doc starts with `header`. With `plot`, each
+    table is also drawn as a PNG under the doc's plots/ folder and linked (plots.py)."""
+    from plots import plot_section
+
     date = datetime.date.today().isoformat()
+    if plot:
+        body = plot_section(title, body, doc.parent)
     section = (f"## {title}\n\nMachine: {machine_description()}. Date: {date}. Command: `{command}`\n\n"
                f"{body}\n")
     text = doc.read_text() if doc.exists() else header

@@ -395,7 +395,7 @@ def main() -> None:
             second.stop()
     body, ok = report(args, tally, seconds, outage, idle, rss, drain, killed)
     print(body)
-    write_section("Load, faults and drain", body, " ".join(["python"] + sys.argv), DOC, HEADER)
+    write_section("Load, faults and drain", body, " ".join(["python"] + sys.argv), DOC, HEADER, plot=False)
     if not ok:
         sys.exit(1)
 
