@@ -36,13 +36,16 @@ def resolve_workload(args: argparse.Namespace) -> None:
     args.dtype = resolve_dtype(args.dtype)
 
 
-def run_child(script: str, name: str, args: argparse.Namespace, round_index: int) -> tuple[dict | None, str]:
-    """`script --child name` on the workload; its result, or None and the end of its stderr."""
+def run_child(script: str, name: str, args: argparse.Namespace, round_index: int, python: str = sys.executable,
+              env: dict[str, str] | None = None) -> tuple[dict | None, str]:
+    """`script --child name` on the workload (in another venv's `python`, with `env` added, for a peer); its
+    result, or None and the end of its stderr."""
     print(f"round {round_index + 1}: running {name} ...", file=sys.stderr, flush=True)
-    command = [sys.executable, script, "--child", name, "--model", args.model, "--num-requests",
+    command = [python, script, "--child", name, "--model", args.model, "--num-requests",
                str(args.num_requests), "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens),
                "--dtype", args.dtype]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=os.environ.copy())
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                          env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         return None, proc.stderr[-3000:]
