@@ -134,3 +134,13 @@ def test_metrics_expose_vllm_style_names(client, http):
                  "request_queue_time_seconds", "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
                  "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens"):
         assert f"pagoda:{name}" in text, name
+
+
+def test_many_stop_strings_stop_at_the_first_that_appears(client, smollm_llm):
+    full = smollm_llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+    text = full[0].outputs[0].text
+    cut = text.index(" ", 8) if " " in text[8:] else len(text) // 2
+    target = text[cut:cut + 3]
+    stops = [f"never-{i}-seen" for i in range(63)] + [target]
+    choice = complete(client, PROMPTS[1], max_tokens=24, stop=stops).choices[0]
+    assert choice.finish_reason == "stop" and choice.text == text[:text.index(target)]
