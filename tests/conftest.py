@@ -70,3 +70,25 @@ def redis_server():
         pytest.skip("redis-server is not installed (`make install` installs it)")
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium (Debian's chromium and chromium-driver) through selenium; skips where it is missing."""
+    import shutil
+
+    if shutil.which("chromedriver") is None:
+        pytest.skip("chromium-driver is not installed (`make test-tools` installs it)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1100,800"):
+        options.add_argument(flag)
+    if shutil.which("chromium"):
+        options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+

@@ -75,3 +75,31 @@ def test_images_the_server_cannot_take_are_a_400_naming_messages(client, url: st
     ok = client.chat.completions.create(model="tiny-vision", max_tokens=2, messages=[
         {"role": "user", "content": [image_part(data_uri(png_bytes(noise_image(32))))]}])
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_the_chat_page_uploads_an_image_and_answers_as_llm_chat_does(vision_server, vision_folder: Path, browser,
+                                                                    tmp_path: Path) -> None:
+    from entrypoints.browser_helpers import bubbles, field, idle, send, wait
+    from selenium.webdriver.common.by import By
+
+    image = png_bytes(noise_image(7))
+    (tmp_path / "noise.png").write_bytes(image)
+    text = "What is in this picture?"
+    # The page sends the image part first, then the text.
+    messages = [{"role": "user", "content": [image_part(data_uri(image)), {"type": "text", "text": text}]}]
+    llm = LLM(str(vision_folder), dtype="float32", max_model_len=512, kv_cache_memory=256 << 20)
+    expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    llm.shutdown()
+
+    browser.get(f"{vision_server.url}/")
+    field(browser, "api-key", API_KEY)
+    browser.find_element(By.ID, "system").click()
+    wait(browser, lambda: browser.find_element(By.ID, "model-name").text == "tiny-vision")
+    field(browser, "temperature", "0")
+    field(browser, "max-tokens", "8")
+    browser.find_element(By.ID, "image").send_keys(str(tmp_path / "noise.png"))
+    send(browser, text)
+    wait(browser, lambda: len(bubbles(browser, "assistant")) == 1 and idle(browser))
+    assert not bubbles(browser, "error")
+    assert browser.find_elements(By.CSS_SELECTOR, ".bubble.user img")  # the picture shows in the conversation
+    assert bubbles(browser, "assistant")[0].split() == expected.split()
