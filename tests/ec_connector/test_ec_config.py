@@ -20,7 +20,8 @@ from pagoda.ec_connector.factory import (
     with_private_ec_lookup_address,
 )
 from pagoda.engine.arg_utils import EngineArgs, ec_transfer_config
-from pagoda.entrypoints.cli import _engine_kwargs, build_parser
+from pagoda.entrypoints.cli import build_parser
+from pagoda.entrypoints.cli_flags import engine_kwargs
 from pagoda.kv_store_spec import parse_kv_store_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,13 +76,13 @@ def test_the_kv_and_ec_stores_never_share_a_disk_folder(tmp_path: Path) -> None:
 
 def test_cli_flags_and_llm_keywords_reach_engine_args() -> None:
     args = build_parser().parse_args(["generate", "gemma3-270m", "--ec-store", SPEC, "--ec-role", "ec_consumer"])
-    kwargs = _engine_kwargs(args)
+    kwargs = engine_kwargs(args)
     assert kwargs["ec_store"] == SPEC and kwargs["ec_role"] == "ec_consumer"
     engine_args = EngineArgs.from_kwargs("gemma3-270m", **kwargs)  # what LLM(model, **kwargs) does
     assert (engine_args.ec_store, engine_args.ec_role) == (SPEC, "ec_consumer")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--ec-role", "both"])  # argparse names the choices
-    defaults = _engine_kwargs(build_parser().parse_args(["generate"]))
+    defaults = engine_kwargs(build_parser().parse_args(["generate"]))
     assert defaults["ec_store"] is None and defaults["ec_role"] is None
 
 
