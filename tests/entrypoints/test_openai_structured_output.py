@@ -104,3 +104,21 @@ def test_a_constraint_that_cannot_compile_is_a_400_naming_it(client, extra, para
         client.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=5, extra_body=extra)
     error = caught.value.body
     assert error["param"] == param and words in error["message"], error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_of_tokens_the_grammar_rules_out_are_floored_not_a_500(http, stream):
+    # A choice of two words leaves most of a step's top 5 at probability 0 (logprob -inf, which JSON lacks).
+    body = {"messages": [{"role": "user", "content": "Yes or no?"}], "max_tokens": 4, "temperature": 0,
+            "logprobs": True, "top_logprobs": 5, "structured_outputs": {"choice": ["yes", "no"]}, "stream": stream}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    lines = [json.loads(line[6:]) for line in response.text.splitlines()
+             if line.startswith("data: {")] if stream else [response.json()]
+    values = [top["logprob"] for answer in lines for choice in answer["choices"] if choice.get("logprobs")
+              for token in choice["logprobs"]["content"] for top in [token, *token["top_logprobs"]]]
+    assert values and all(isinstance(v, float) and -9999.0 <= v <= 0 for v in values)
+    assert -9999.0 in values  # some of the top 5 were ruled out
+    completion = http.post("/v1/completions", json={"prompt": "Yes or no?", "max_tokens": 2, "logprobs": 5,
+                                                    "structured_outputs": {"choice": ["yes", "no"]}})
+    assert completion.status_code == 200, completion.text

@@ -35,7 +35,9 @@ def echo_logprobs(
     Offsets count back from the end of the echoed text (`text_length` characters), so that tokens the
     tokenizer added and the text lacks (BOS) sit at 0 rather than shifting every later offset.
     """
-    result = CompletionLogprobs()
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
     for token_id, position in zip(token_ids, logprobs):
         if position is None:
             token, logprob, top = decode(token_id), None, None
@@ -44,15 +46,16 @@ def echo_logprobs(
             token, logprob = chosen.decoded_token or "", chosen.logprob
             ranked = sorted(position.values(), key=lambda p: p.rank)
             top = {p.decoded_token or "": p.logprob for p in ranked if p.rank <= num_top or p is chosen}
-        result.tokens.append(token)
-        result.token_logprobs.append(logprob)
-        result.top_logprobs.append(top)
+        tokens.append(token)
+        token_logprobs.append(logprob)
+        tops.append(top)
+    offsets = []
     remaining = text_length
-    for index in range(len(result.tokens) - 1, -1, -1):
-        remaining -= len(result.tokens[index])
-        result.text_offset.append(max(0, remaining))
-    result.text_offset.reverse()
-    return result
+    for token in reversed(tokens):
+        remaining -= len(token)
+        offsets.append(max(0, remaining))
+    offsets.reverse()
+    return CompletionLogprobs(text_offset=offsets, token_logprobs=token_logprobs, tokens=tokens, top_logprobs=tops)
 
 
 def joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:

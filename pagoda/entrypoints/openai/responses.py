@@ -9,14 +9,27 @@ supplied, by tier.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 
 def _now() -> int:
     return int(time.time())
+
+
+# A token a constraint (grammar, logit_bias) ruled out has probability 0: logprob -inf, which JSON cannot carry.
+# It is reported as -9999.0, as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return LOGPROB_FLOOR if math.isnan(logprob) or logprob < LOGPROB_FLOOR else logprob
+
+
+ShownLogprob = Annotated[float, AfterValidator(_finite)]
 
 
 class PromptTokensDetails(BaseModel):
@@ -42,15 +55,15 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
+    token_logprobs: list[ShownLogprob | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, ShownLogprob] | None] = Field(default_factory=list)
 
 
 class PromptLogprob(BaseModel):
     """vLLM's shape for one token of a prompt position: its logprob, its rank in the vocabulary, its text."""
 
-    logprob: float
+    logprob: ShownLogprob
     rank: int
     decoded_token: str | None = None
 
@@ -79,7 +92,7 @@ class CompletionResponse(BaseModel):
 
 class TopLogprob(BaseModel):
     token: str
-    logprob: float
+    logprob: ShownLogprob
     bytes: list[int]
 
 

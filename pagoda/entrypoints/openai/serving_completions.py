@@ -28,20 +28,19 @@ from pagoda.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 
 def completion_logprobs(output: CompletionOutput, num_top: int, text_offset: int) -> CompletionLogprobs:
     """OpenAI's legacy logprobs: each token, its logprob, the top `num_top` and the text offsets."""
-    result = CompletionLogprobs()
+    tokens, token_logprobs, offsets, tops = [], [], [], []
     for token_id, position in zip(output.token_ids, output.logprobs or []):
         chosen = position[token_id]
         token = chosen.decoded_token or ""
-        result.tokens.append(token)
-        result.token_logprobs.append(chosen.logprob)
-        result.text_offset.append(text_offset)
+        tokens.append(token)
+        token_logprobs.append(chosen.logprob)
+        offsets.append(text_offset)
         # As in vLLM, the sampled token is listed beside the top `num_top`.
         top = sorted(position.values(), key=lambda p: p.rank)
-        result.top_logprobs.append({
-            p.decoded_token or "": p.logprob for p in top if p.rank <= num_top or p is chosen
-        })
+        tops.append({p.decoded_token or "": p.logprob for p in top if p.rank <= num_top or p is chosen})
         text_offset += len(token)
-    return result
+    # Built whole, so that the model's checks (logprobs JSON can carry) see every value.
+    return CompletionLogprobs(text_offset=offsets, token_logprobs=token_logprobs, tokens=tokens, top_logprobs=tops)
 
 
 class OpenAIServingCompletion(OpenAIServing):
