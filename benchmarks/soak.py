@@ -72,8 +72,10 @@ class Tally:
     failed_during_outage: int = 0
     outage: bool = False
 
+    started: float = field(default_factory=time.monotonic)
+
     def fail(self, what: str) -> None:
-        self.failures.append(what[:300])
+        self.failures.append(f"at {time.monotonic() - self.started:.0f} s: {what[:300]}")
         if self.outage:
             self.failed_during_outage += 1
 
@@ -375,12 +377,14 @@ def main() -> None:
     args = parser.parse_args()
     rss: list[tuple[float, int, int]] = []
     tally = Tally()
-    with tempfile.TemporaryDirectory() as log_dir, RedisServer() as redis:
+    # The servers' logs stay after the run (their tracebacks explain any failure).
+    log_dir = tempfile.mkdtemp(prefix="pagoda-soak-")
+    with RedisServer() as redis:
         store = f"cpu:256MiB,{redis.url}"
         server = RemoteServer(Path(log_dir) / "server.log", "--dtype", "auto", "--kv-store", store, model=MODEL)
         try:
             server.wait_ready()
-            started = time.monotonic()
+            started = tally.started = time.monotonic()
             outage = asyncio.run(load(server, redis, args, tally, rss))
             seconds = time.monotonic() - started
             idle = wait_idle(server.url)
@@ -395,6 +399,7 @@ def main() -> None:
             second.stop()
     body, ok = report(args, tally, seconds, outage, idle, rss, drain, killed)
     print(body)
+    print(f"server logs: {log_dir}", file=sys.stderr)
     write_section("Load, faults and drain", body, " ".join(["python"] + sys.argv), DOC, HEADER, plot=False)
     if not ok:
         sys.exit(1)
