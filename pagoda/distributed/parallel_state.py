@@ -53,6 +53,18 @@ class TensorParallelGroup:
         dist.all_gather(pieces, x.contiguous(), group=self.group)
         return torch.cat(pieces, dim=dim)
 
+    def min_over_ranks(self, values: list[int], device: torch.device) -> list[int]:
+        """Elementwise minimum of every rank's `values` (the same length on every rank); `values` at world size 1.
+
+        How the ranks agree on per-rank outcomes (e.g. how many tokens of a load arrived) before rank 0
+        answers for all of them. `device`: where the collective runs (a CUDA device under NCCL).
+        """
+        if self.group is None or not values:
+            return values
+        x = torch.tensor(values, dtype=torch.int64, device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return x.tolist()
+
 
 SINGLE_RANK = TensorParallelGroup(rank=0, world_size=1)
 

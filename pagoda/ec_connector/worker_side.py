@@ -11,6 +11,13 @@ the model's dtype). An entry that fails either check is dropped from the
 store, counted and reported by `finish_step`; the worker then encodes the
 item from its pixels, so the output is the same either way.
 
+Tensor parallelism: every rank holds the whole output and loads it itself,
+but rank 0 alone answers the step, and every rank must encode the same
+items (the language model that follows runs the ranks in lockstep). So the
+ranks agree on a step's failed loads: an item any rank failed to load is
+encoded by all of them. A rank without a writable tier (it only reads what
+rank 0 saves) saves nothing. Metrics are this rank's; the executor reports rank 0's.
+
 Saves (producers and `ec_both`) return at once: copying to host memory,
 encoding, checksums and tier writes happen on one put thread at the lowest
 CPU priority, behind a byte bound beyond which saves are dropped and
@@ -33,6 +40,7 @@ import torch
 
 from pagoda.config import ECTransferConfig
 from pagoda.core.connector.ec_metadata import ECConnectorMetadata, ECConnectorOutput, ECLoadSpec
+from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
 from pagoda.ec_connector.keys import EncoderOutputKeys
 from pagoda.kvstore.background import lower_current_thread_priority
 from pagoda.kvstore.lookup import LookupServer
@@ -67,7 +75,7 @@ class ECConnectorMetrics:
 class ECConnectorWorker:
     def __init__(self, config: ECTransferConfig, keys: EncoderOutputKeys, manager: StorageManager,
                  lookup_server: LookupServer, *, dtype: torch.dtype, hidden_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         if hidden_size <= 0:
             raise ValueError(f"hidden_size must be positive, got {hidden_size}")
         self.config = config
@@ -80,6 +88,7 @@ class ECConnectorWorker:
             raise ValueError(f"the store keys name dtype {keys.template.kv_dtype!r}, the tensors are {self.dtype_name}")
         self.hidden_size = hidden_size
         self.device = device
+        self.tp = tp
         self._putter = ThreadPoolExecutor(1, "pagoda-ec-put", _background_writer)
         self._pending_save_bytes = 0
         self._lock = threading.Lock()  # the counters and the pending bytes: the put thread updates them too
@@ -117,6 +126,23 @@ class ECConnectorWorker:
                 self._failed_loads.append(spec.identifier)
             else:
                 encoder_cache[spec.identifier] = tensor
+        self._agree_failed_loads(metadata, encoder_cache)
+
+    def _agree_failed_loads(self, metadata: ECConnectorMetadata, encoder_cache: MutableMapping[str, Any]) -> None:
+        """Make an item any rank failed to load a failed load on every rank (dropped, then encoded).
+
+        Every rank has the same loads in the same order (the step's metadata),
+        so one vector lines up across ranks: 0 for a failed load, 1 otherwise.
+        """
+        if self.tp.world_size == 1 or not metadata.loads:
+            return
+        failed = set(self._failed_loads)
+        loaded = self.tp.min_over_ranks([0 if spec.identifier in failed else 1 for spec in metadata.loads],
+                                        self.device)
+        for spec, ok in zip(metadata.loads, loaded):
+            if not ok and spec.identifier not in failed:
+                encoder_cache.pop(spec.identifier, None)
+                self._failed_loads.append(spec.identifier)
 
     def _load(self, spec: ECLoadSpec) -> torch.Tensor | None:
         key = self.keys.key(spec.identifier)
@@ -142,7 +168,7 @@ class ECConnectorWorker:
 
     def save_caches(self, encoder_cache: MutableMapping[str, Any], identifier: str) -> None:
         """The encoder just produced `encoder_cache[identifier]`: queue it for the store (producers only)."""
-        if not self.config.is_producer:
+        if not self.config.is_producer or not self.manager.writes_anything:
             return
         tensor = encoder_cache.get(identifier)
         if not self._is_savable(identifier, tensor):

@@ -100,9 +100,6 @@ class EngineArgs:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         image_info = mm_info(hf_config)
         check_tensor_parallel_size(hf_config, self.tensor_parallel_size)
-        if self.tensor_parallel_size > 1 and (self.kv_store is not None or self.ec_store is not None):
-            # Stored entries would need every rank's shard (or, with replicated KV heads, rank 0's alone).
-            raise ValueError("kv_store and ec_store do not work with tensor_parallel_size > 1 yet")
         model_config = ModelConfig(
             model=self.model,
             path=str(path),

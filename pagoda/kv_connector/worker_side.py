@@ -13,6 +13,14 @@ reaches the cache; a missing or bad entry ends that layer's load there, and
 the request is reported with the longest prefix whose KV arrived whole in
 every layer that needs it (sliding-window layers only need their window).
 
+Tensor parallelism: each rank loads its own share of the KV heads, so a
+load can fall short on one rank only. Rank 0 alone answers the step, so
+`finish_step` first agrees with the other ranks (`_agree`): a load ends at
+the shortest prefix every rank holds, and an async load is reported only
+once every rank finished it. Every rank then samples the same rows, drops
+the same saves, and the scheduler recomputes whatever any rank lacks. The
+metrics (`metrics_snapshot`) are this rank's own; the executor reports rank 0's.
+
 Saves: after a layer's KV is written (`save_kv_layer`, layerwise) or after
 the forward pass (bulk, in `wait_for_save`), the blocks of every prompt chunk
 completed this step are copied out on the compute thread, one gather per
@@ -34,6 +42,7 @@ import torch
 
 from pagoda.config import KVTransferConfig
 from pagoda.core.connector.kv_metadata import KVConnectorMetadata, KVConnectorOutput, LoadResult, LoadSpec, SaveSpec
+from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
 from pagoda.kv_connector.layout import LayerLayout, StoreLayout
 from pagoda.kvstore.background import lower_current_thread_priority
 from pagoda.kvstore.keys import CacheEngineKey
@@ -118,19 +127,23 @@ class _LoadJob:
                     return False
         return True
 
-    def result(self) -> LoadResult:
-        """The longest prefix, ending at a chunk boundary or the load's end, complete in every layer.
+    def num_complete_tokens(self, limit: int) -> int:
+        """The end of the longest prefix, at most `limit`, ending at a chunk boundary or the load's end and
+        complete in every layer; the load's start when none is.
 
         The one place that decides whether a load came back short.
         """
         spec, chunk_size = self.spec, self.layout.chunk_size
         boundaries = [spec.end] + [c * chunk_size for c in range(-(-spec.end // chunk_size) - 1, 0, -1)
                                    if spec.start < c * chunk_size < spec.end]
-        num_computed = spec.start
         for end in boundaries:
-            if self._complete_up_to(end):
-                num_computed = end
-                break
+            if end <= limit and self._complete_up_to(end):
+                return end
+        return spec.start
+
+    def result(self, num_computed: int) -> LoadResult:
+        """The load's outcome once the ranks agreed that [0, `num_computed`) is good on all of them."""
+        spec, chunk_size = self.spec, self.layout.chunk_size
         tokens_by_tier: dict[str, int] = {}
         for chunk in range(spec.start // chunk_size, -(-num_computed // chunk_size)):
             tokens = min(num_computed, (chunk + 1) * chunk_size) - max(spec.start, chunk * chunk_size)
@@ -142,8 +155,11 @@ class _LoadJob:
 
 class KVConnectorWorker:
     def __init__(self, config: KVTransferConfig, layout: StoreLayout, layer_kv_caches: list[torch.Tensor],
-                 manager: StorageManager, lookup_server: LookupServer) -> None:
+                 manager: StorageManager, lookup_server: LookupServer, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         self.config = config
+        self.tp = tp
+        # A rank that only reads shared tiers (it replicates KV another rank saves) and has no CPU tier saves nothing.
+        self._saves_enabled = manager.writes_anything
         self.layout = layout
         self.kv_caches = layer_kv_caches
         self.dtype_name = _dtype_name(layer_kv_caches[0].dtype)
@@ -154,7 +170,7 @@ class KVConnectorWorker:
         self._putter = ThreadPoolExecutor(1, "pagoda-kv-put", _background_writer)
         self._sync_jobs: list[_LoadJob] = []
         self._layer_loads: list[Future[None] | None] = [None] * len(layout.layers)
-        self._async_loads: dict[str, Future[LoadResult]] = {}
+        self._async_loads: dict[str, tuple[_LoadJob, Future[None]]] = {}
         self._saves: list[SaveSpec] = []
         # Copied out this step, queued for the tiers once the step's loads are known good.
         self._step_puts: list[tuple[str, CacheEngineKey, torch.Tensor]] = []
@@ -167,12 +183,12 @@ class KVConnectorWorker:
 
     def start_load_kv(self, metadata: KVConnectorMetadata) -> None:
         """Begin this step's loads: async ones in the background, in-step ones per the load mode."""
-        self._saves = list(metadata.saves)
+        self._saves = list(metadata.saves) if self._saves_enabled else []
         self._sync_jobs = []
         for spec in metadata.loads:
             job = _LoadJob(spec, self.layout)
             if spec.is_async:
-                self._async_loads[spec.req_id] = self._async_loader.submit(self._load_all_layers, job)
+                self._async_loads[spec.req_id] = (job, self._async_loader.submit(self._load_all_layers, job))
             else:
                 self._sync_jobs.append(job)
         if not self._sync_jobs:
@@ -187,13 +203,32 @@ class KVConnectorWorker:
         for job in self._sync_jobs:
             job.load_layer(self.manager, layer, self.kv_caches[layer.layer_index])
 
-    def _load_all_layers(self, job: _LoadJob) -> LoadResult:
-        for layer in self.layout.layers:
+    def _load_all_layers(self, job: _LoadJob) -> None:
+        for layer in self.layout.layers:  # load_layer never raises: every fault is a short load
             job.load_layer(self.manager, layer, self.kv_caches[layer.layer_index])
-        return self._finish_job(job)  # load_layer never raises: every fault is a short load
 
-    def _finish_job(self, job: _LoadJob) -> LoadResult:
-        result = job.result()
+    def _agree(self, jobs: list[tuple[_LoadJob, bool]]) -> list[int]:
+        """Per (job, finished here), the end of the prefix every rank holds complete; -1 for a job (an async
+        load) that some rank has not finished.
+
+        Each rank proposes its longest complete prefix within the last agreed
+        limit and takes the minimum; a rank may hold a prefix up to a longer
+        end but not up to the minimum (a sliding-window layer loaded only the
+        window of its own end), so the ranks repeat until nobody lowers it.
+        The limits start at the loads' ends on every rank and each round every
+        rank sees the same minimum, so every rank runs the same rounds.
+        """
+        limits = [job.spec.end for job, _ in jobs]
+        while True:
+            proposals = [job.num_complete_tokens(limit) if finished and limit >= 0 else -1
+                         for (job, finished), limit in zip(jobs, limits)]
+            agreed = self.tp.min_over_ranks(proposals, self.kv_caches[0].device)
+            if agreed == limits or self.tp.world_size == 1:
+                return agreed
+            limits = agreed
+
+    def _finish_job(self, job: _LoadJob, num_computed: int) -> LoadResult:
+        result = job.result(num_computed)
         if not result.complete:
             self.num_failed_loads += 1
             logger.warning("KV store: request %s loaded %d of %d tokens (%d entries missing or bad); "
@@ -292,16 +327,27 @@ class KVConnectorWorker:
         for future in self._layer_loads:
             if future is not None:
                 future.result()
-        for job in self._sync_jobs:
-            finished[job.spec.req_id] = self._finish_job(job)
+        if idle and self._async_loads:
+            wait([future for _, future in self._async_loads.values()], timeout=IDLE_LOAD_WAIT_S,
+                 return_when=FIRST_COMPLETED)
+        # Every rank has the same in-step loads and the same async loads in flight (both come from the
+        # scheduler's metadata), in the same order: the agreement's vectors line up.
+        async_ids = sorted(self._async_loads)
+        jobs = [(job, True) for job in self._sync_jobs]
+        for req_id in async_ids:
+            job, future = self._async_loads[req_id]
+            jobs.append((job, future.done()))
+        agreed = self._agree(jobs) if jobs else []
+        for job, num_computed in zip(self._sync_jobs, agreed):
+            finished[job.spec.req_id] = self._finish_job(job, num_computed)
+        for req_id, num_computed in zip(async_ids, agreed[len(self._sync_jobs):]):
+            if num_computed >= 0:
+                job, _ = self._async_loads.pop(req_id)
+                finished[req_id] = self._finish_job(job, num_computed)
         rewound = {job.spec.req_id for job in self._sync_jobs if not finished[job.spec.req_id].complete}
         self._queue_puts(rewound)
         self._sync_jobs = []
         self._layer_loads = [None] * len(self.layout.layers)
-        if idle and self._async_loads:
-            wait(self._async_loads.values(), timeout=IDLE_LOAD_WAIT_S, return_when=FIRST_COMPLETED)
-        for req_id in [r for r, f in self._async_loads.items() if f.done()]:
-            finished[req_id] = self._async_loads.pop(req_id).result()
         return KVConnectorOutput(finished_loads=finished)
 
     def abort_step(self) -> None:
@@ -324,7 +370,7 @@ class KVConnectorWorker:
         return snapshot
 
     def close(self) -> None:
-        for future in self._async_loads.values():
+        for _, future in self._async_loads.values():
             future.cancel()
         self._async_loader.shutdown(wait=True)
         self._transfer.shutdown(wait=True)

@@ -7,6 +7,11 @@ StorageManager and answers "how many leading chunks are present?";
 A request carries one key template (the key fields shared by every chunk)
 and the chunk hashes, not whole keys, which keeps it small.
 
+With tensor parallelism every rank runs a server on an address of its own
+(`rank_lookup_address`) over its own store, and `TensorParallelLookup` asks
+each about the keys that rank would load: a chunk is present only when
+every rank holds it, because a rank that lacks its share cannot load it.
+
 A lookup that times out or fails is answered 0: the request recomputes its
 prompt, nothing waits on a dead worker. The client then replaces its socket,
 because a REQ socket that sent without receiving accepts nothing else.
@@ -26,6 +31,7 @@ import msgspec
 import zmq
 
 from pagoda.kv_store_spec import KVStoreConfig
+from pagoda.kvstore.build import SINGLE_PROCESS, RankStore, build_storage_manager
 from pagoda.kvstore.keys import CacheEngineKey
 from pagoda.kvstore.storage_manager import StorageManager
 
@@ -222,11 +228,57 @@ class LookupClient:
         )  # fmt: skip
 
 
-def open_store_with_lookup(store: KVStoreConfig, address: str) -> tuple[StorageManager, LookupServer]:
-    """The store's tiers, and its lookup server started on `address`; nothing left running if either fails."""
-    from pagoda.kvstore.build import build_storage_manager
+def rank_lookup_address(address: str, rank: int) -> str:
+    """The address rank `rank`'s lookup server binds: `address` itself for rank 0, then a path suffix
+    (ipc) or the next ports (tcp)."""
+    _check_address(address)
+    if rank == 0:
+        return address
+    if address.startswith("ipc://"):
+        return f"{address}.rank{rank}"
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + rank}"
 
-    manager = build_storage_manager(store)
+
+class TensorParallelLookup:
+    """Asks every rank's lookup server; a key counts only when every rank holds its own version of it.
+
+    `worker_ids[r]` is the key's `worker_id` on rank r: the rank's KV-head
+    shard, or 0 everywhere for entries every rank shares.
+    """
+
+    def __init__(self, address: str, worker_ids: Sequence[int], timeout_ms: int = 2000) -> None:
+        self.worker_ids = list(worker_ids)
+        self.clients = [LookupClient(rank_lookup_address(address, rank), timeout_ms)
+                        for rank in range(len(self.worker_ids))]
+
+    def lookup(
+        self,
+        keys: Sequence[CacheEngineKey],
+        prefetch: bool = False,
+        prefetch_templates: Sequence[CacheEngineKey] = (),
+    ) -> int:
+        """Number of leading `keys` every rank holds (see `LookupClient.lookup`); later ranks are asked
+        only about the prefix the earlier ones hold."""
+        num_present = len(keys)
+        for client, worker_id in zip(self.clients, self.worker_ids):
+            if not num_present:
+                break
+            own = [msgspec.structs.replace(key, worker_id=worker_id) for key in keys[:num_present]]
+            templates = [msgspec.structs.replace(key, worker_id=worker_id) for key in prefetch_templates]
+            num_present = client.lookup(own, prefetch, templates)
+        return num_present
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def open_store_with_lookup(store: KVStoreConfig, address: str,
+                           rank_store: RankStore = SINGLE_PROCESS) -> tuple[StorageManager, LookupServer]:
+    """The store's tiers as `rank_store` says, and its lookup server started on `address`; nothing left
+    running if either fails."""
+    manager = build_storage_manager(store, rank_store)
     try:
         server = LookupServer(manager, address)
         server.start()

@@ -88,6 +88,11 @@ class StorageManager:
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-prefetch")
         self._closed = False
 
+    @property
+    def writes_anything(self) -> bool:
+        """Whether some tier accepts puts (a rank that only reads shared tiers may have none)."""
+        return bool(self._writable)
+
     def metrics(self) -> dict[str, TierMetrics]:
         """Each tier's counters by tier name (live objects, not copies)."""
         return {tier.name: tier.metrics for tier in self.tiers}

@@ -41,10 +41,12 @@ class Executor(ABC):
         return self.collective_rpc("execute_model", (scheduler_output,))[0]
 
     def kv_store_metrics(self) -> dict[str, dict[str, float]] | None:
+        # Rank 0's counters: with tensor parallelism the ranks agree on every load's outcome, so its
+        # connector counts are everyone's, but its tiers' counters are its own (other ranks' tiers go unseen).
         return self.collective_rpc("kv_store_metrics")[0]
 
     def mm_metrics(self) -> dict[str, dict[str, float]] | None:
-        return self.collective_rpc("mm_metrics")[0]
+        return self.collective_rpc("mm_metrics")[0]  # rank 0's, as for the KV store
 
     def flush_kv_store(self) -> bool:
         return all(self.collective_rpc("flush_kv_store"))

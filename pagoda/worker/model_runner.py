@@ -82,7 +82,7 @@ class ModelRunner:
         self.layer_specs: list[AttentionLayerSpec] = self.model.attention_layer_specs()
         if hasattr(self.model, "embed_multimodal"):
             self.encoder_runner = EncoderRunner(self.model, self.device,
-                                                make_ec_worker_connector(self.config, self.device))
+                                                make_ec_worker_connector(self.config, self.device, self.tp))
 
     def get_kv_cache_spec(self) -> list[KVCacheSpec]:
         block_size = self.config.cache_config.block_size
@@ -109,7 +109,7 @@ class ModelRunner:
             for position, layer_index in enumerate(group.layer_indices):
                 self.layer_kv_caches[layer_index] = shared[position]
                 self.layer_groups[layer_index] = group_index
-        self.kv_connector = make_worker_connector(self.config, kv_cache_config, self.layer_kv_caches)
+        self.kv_connector = make_worker_connector(self.config, kv_cache_config, self.layer_kv_caches, self.tp)
         max_model_len = self.config.scheduler_config.max_model_len
         self.input_batch = InputBatch(
             max_num_reqs=self.config.scheduler_config.max_num_seqs,

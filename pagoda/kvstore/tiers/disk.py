@@ -14,6 +14,11 @@ one logged warning. A file whose header is wrong is deleted and counted when
 the index is rebuilt; full checks happen once per read, in the storage
 manager, which removes an entry that fails them.
 
+A reader (`reader=True`) follows a folder another process writes (the saving
+rank of a tensor-parallel world whose ranks hold the same KV): it keeps no
+index, since the writer adds files after it started, and looks each key's
+file up on disk; it never writes, evicts or deletes anything there.
+
 Every unlink of an entry's file happens under the lock and only while the
 key is neither indexed nor queued, so a delete or eviction still queued when
 the same key is put again can never remove the new file.
@@ -59,7 +64,8 @@ class DiskTier(StorageTier):
     supports_async_put = True
 
     def __init__(
-        self, directory: str | os.PathLike[str], capacity_bytes: int, policy: str = "lru", num_workers: int = 2
+        self, directory: str | os.PathLike[str], capacity_bytes: int, policy: str = "lru", num_workers: int = 2,
+        reader: bool = False,
     ) -> None:
         super().__init__()
         if capacity_bytes <= 0:
@@ -75,8 +81,9 @@ class DiskTier(StorageTier):
         self._warned = False
         self._queue: PriorityQueue[tuple[int, int, Callable[[], None] | None]] = PriorityQueue()
         self._seq = count()  # FIFO among equal priorities
+        self.reader = reader
         self._usable = self._prepare_directory()
-        if self._usable:
+        if self._usable and not reader:
             self._rebuild_index()
         self._workers = [
             threading.Thread(target=self._work, name=f"pagoda-kv-disk-{i}", daemon=True) for i in range(num_workers)
@@ -92,9 +99,16 @@ class DiskTier(StorageTier):
         return len(self._index) + len(self._pending)
 
     def contains(self, key: CacheEngineKey) -> bool:
+        if self.reader:
+            return self._path_for(key).exists()
         return key in self._index or key in self._pending
 
     def get(self, key: CacheEngineKey) -> bytes | None:
+        if self.reader:
+            try:
+                return self._path_for(key).read_bytes()
+            except OSError:  # not written yet, or evicted by the writer: a miss
+                return None
         with self._lock:
             if key in self._pending:
                 self._policy.on_access(key)
@@ -125,6 +139,8 @@ class DiskTier(StorageTier):
         return future
 
     def put(self, key: CacheEngineKey, entry: bytes) -> bool:
+        if self.reader:
+            raise RuntimeError(f"the disk tier on {self.directory} only reads a folder another process writes")
         with self._lock:
             if key in self._index or key in self._pending:
                 self._policy.on_put(key)
@@ -141,6 +157,8 @@ class DiskTier(StorageTier):
         return True
 
     def remove(self, key: CacheEngineKey) -> bool:
+        if self.reader:
+            return False  # the writer owns the folder's files
         with self._lock:
             if key in self._pending:
                 # The writer sees the key gone and deletes the file it just wrote.
