@@ -199,9 +199,10 @@ async def client(url: str, seed: int, deadline: float, tally: Tally, prefixes: l
                 tally.fail(f"{path}: {type(error).__name__}: {error}")
 
 
-def server_rss(server: RemoteServer) -> int:
+def server_rss(server: RemoteServer) -> tuple[int, int]:
+    """RSS of the server process and of its children (the engine core), apart: a leak shows in one."""
     process = psutil.Process(server.process.pid)
-    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+    return process.memory_info().rss, sum(p.memory_info().rss for p in process.children(recursive=True))
 
 
 def gauges(url: str) -> dict[str, float]:
@@ -214,7 +215,7 @@ def gauges(url: str) -> dict[str, float]:
 
 
 async def load(server: RemoteServer, redis: RedisServer, args: argparse.Namespace, tally: Tally,
-               rss: list[tuple[float, int, int]]) -> tuple[float, float]:
+               rss: list[tuple[float, int, int, int]]) -> tuple[float, float]:
     """The load phase; Redis is down from a third to a half of it. Returns the outage's start and end."""
     started = time.monotonic()
     seconds = args.minutes * 60
@@ -227,7 +228,8 @@ async def load(server: RemoteServer, redis: RedisServer, args: argparse.Namespac
     while time.monotonic() < deadline:
         await asyncio.sleep(5)
         now = time.monotonic()
-        rss.append((now - started, tally.completed, server_rss(server)))
+        front, engine = server_rss(server)
+        rss.append((now - started, tally.completed, front + engine, front))
         if not redis_down and outage[0] <= now < outage[1]:
             redis.stop()
             redis_down = tally.outage = True
@@ -320,7 +322,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def report(args, tally: Tally, seconds: float, outage: tuple[float, float], idle: dict[str, float],
-           rss: list[tuple[float, int, int]], drain: dict, killed: dict) -> tuple[str, bool]:
+           rss: list[tuple[float, int, int, int]], drain: dict, killed: dict) -> tuple[str, bool]:
     samples = [s for s in rss if s[1] > 0]
     base = next((s for s in samples if s[1] >= min(1000, tally.completed // 4)), samples[0] if samples else None)
     end = samples[-1] if samples else None
@@ -333,7 +335,8 @@ def report(args, tally: Tally, seconds: float, outage: tuple[float, float], idle
     killed_ok = killed["health_503_s"] is not None and killed["health_503_s"] < 5 \
         and all(e == "error event" for e in killed["endings"]) and killed["new_request"] == 503
     ok = not tally.failures and idle_ok and drain_ok and killed_ok
-    rss_rows = "\n".join(f"| {t:.0f} | {done} | {size / 2**20:.0f} |" for t, done, size in rss[:: max(1, len(rss) // 12)])
+    rss_rows = "\n".join(f"| {t:.0f} | {done} | {size / 2**20:.0f} | {front / 2**20:.0f} |"
+                         for t, done, size, front in rss[:: max(1, len(rss) // 12)])
     failures = "\n".join(f"- {f}" for f in tally.failures[:10]) or "none"
     store = {k: v for k, v in idle.items() if k.startswith("kv_store_")}
     body = f"""**{tally.sent}** requests from {args.clients} concurrent clients in {seconds:.0f} s ({args.minutes:g} \
@@ -355,8 +358,8 @@ The encoder cache is not exercised by this text model (the vision tests check it
 Server RSS (server and engine processes) from {base[1] if base else 0} to {end[1] if end else 0} answers: \
 {growth:+.0f} MiB; over the second half (from {middle[1] if middle else 0} answers): {late_growth:+.0f} MiB.
 
-| seconds | answers | RSS MiB |
-| --- | --- | --- |
+| seconds | answers | RSS MiB, all | of which the server process |
+| --- | --- | --- | --- |
 {rss_rows}
 
 SIGTERM with {drain['streams']} streams running: {drain['finished']} finished normally, a new request got \
@@ -377,7 +380,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=100)
     args = parser.parse_args()
-    rss: list[tuple[float, int, int]] = []
+    rss: list[tuple[float, int, int, int]] = []
     tally = Tally()
     # The servers' logs stay after the run (their tracebacks explain any failure).
     log_dir = tempfile.mkdtemp(prefix="pagoda-soak-")
