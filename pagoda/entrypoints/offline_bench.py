@@ -22,31 +22,34 @@ LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
 def add_throughput_parser(kinds: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
-    parser = kinds.add_parser("throughput", formatter_class=formatter,
-                              help="offline throughput: many requests at once through the engine",
-                              description="Offline throughput of the engine on random token-id prompts, "
-                                          "flags as in `vllm bench throughput`.")
-    workload = parser.add_argument_group("workload")
-    workload.add_argument("--input-len", type=int, default=256, help="prompt tokens per request")
-    workload.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    parser, workload = _bench_parser(kinds, formatter, "throughput", "offline throughput: many requests at once "
+                                     "through the engine", "Offline throughput of the engine on random token-id "
+                                     "prompts, flags as in `vllm bench throughput`.", input_len=256)
     workload.add_argument("--num-prompts", type=int, default=64, help="requests, all submitted at once")
     _add_common(parser, workload)
     parser.set_defaults(handler=run_throughput)
 
 
 def add_latency_parser(kinds: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
-    parser = kinds.add_parser("latency", formatter_class=formatter,
-                              help="offline latency: one batch at a time, timed end to end",
-                              description="End-to-end latency of one batch through the engine, flags as in "
-                                          "`vllm bench latency`.")
-    workload = parser.add_argument_group("workload")
-    workload.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
-    workload.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    parser, workload = _bench_parser(kinds, formatter, "latency", "offline latency: one batch at a time, timed end "
+                                     "to end", "End-to-end latency of one batch through the engine, flags as in "
+                                     "`vllm bench latency`.", input_len=32)
     workload.add_argument("--batch-size", type=int, default=8, help="requests per batch")
     workload.add_argument("--num-iters-warmup", type=int, default=3, help="batches run before timing")
     workload.add_argument("--num-iters", type=int, default=10, help="batches timed")
     _add_common(parser, workload)
     parser.set_defaults(handler=run_latency)
+
+
+def _bench_parser(kinds: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter], name: str,
+                  summary: str, description: str, input_len: int
+                  ) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """A bench kind's parser and its workload group, holding the prompt and output lengths."""
+    parser = kinds.add_parser(name, formatter_class=formatter, help=summary, description=description)
+    workload = parser.add_argument_group("workload")
+    workload.add_argument("--input-len", type=int, default=input_len, help="prompt tokens per request")
+    workload.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    return parser, workload
 
 
 def _add_common(parser: argparse.ArgumentParser, workload: argparse._ArgumentGroup) -> None:
