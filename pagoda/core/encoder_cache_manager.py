@@ -109,9 +109,15 @@ class EncoderCacheManager:
             self._referenced_by.pop(identifier, None)
             self._evicted.append(identifier)
 
+    @property
+    def num_referenced(self) -> int:
+        """Entries some request still needs: zero once the engine is idle, or a reference leaked."""
+        return len(self._num_embeds) - len(self._unreferenced)
+
     def metrics(self) -> dict[str, float]:
         return {"hits": float(self.num_hits), "evictions": float(self.num_evictions),
-                "entries": float(self.num_cached), "free_rows": float(self.num_free_slots)}
+                "entries": float(self.num_cached), "referenced": float(self.num_referenced),
+                "free_rows": float(self.num_free_slots)}
 
     def _num_unreferenced_slots(self) -> int:
         return sum(self._num_embeds[identifier] for identifier in self._unreferenced)

@@ -95,6 +95,18 @@ def test_manager_evicts_least_recently_used_unreferenced_entry_only_when_space_i
     assert manager.get_freed_mm_hashes() == []
 
 
+def test_manager_counts_referenced_entries_until_every_request_lets_go() -> None:
+    manager = EncoderCacheManager(cache_size=12)
+    manager.allocate("r", "a", 4)
+    manager.allocate("r", "b", 4)
+    assert manager.check_and_update_cache("s", "a")
+    assert manager.metrics()["referenced"] == 2
+    manager.free("r", ["a", "b"])
+    assert manager.metrics()["referenced"] == 1, "s still needs a"
+    manager.free("s", ["a"])
+    assert manager.metrics() == {"hits": 1.0, "evictions": 0.0, "entries": 2.0, "referenced": 0.0, "free_rows": 4.0}
+
+
 def test_manager_never_evicts_a_referenced_entry() -> None:
     manager = EncoderCacheManager(cache_size=8)
     manager.allocate("r", "a", 4)
