@@ -27,10 +27,12 @@ class Stream(threading.Thread):
         self.chunks: list[dict] = []
         self.done_marker = False
         self.started_streaming = threading.Event()
+        self.status_code: int | None = None
 
     def run(self) -> None:
         body = {"prompt": "Once upon a time", "max_tokens": self.max_tokens, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120) as response:
+            self.status_code = response.status_code
             for line in response.iter_lines():
                 if line == "data: [DONE]":
                     self.done_marker = True
@@ -47,9 +49,10 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_exits_0(tmp_path_f
     server = start_server(tmp_path_factory, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S))
     try:
         engine = server.engine_process()
-        endless, short = Stream(server.url, max_tokens=4000), Stream(server.url, max_tokens=16)
+        endless, short = Stream(server.url, max_tokens=2000), Stream(server.url, max_tokens=16)
         endless.start()
-        assert endless.started_streaming.wait(60)
+        # SERVER_ARGS cap the context at 2048 tokens: a longer max_tokens would be refused with a 400.
+        assert endless.started_streaming.wait(60), endless.status_code
         short.start()
         assert short.started_streaming.wait(60)
         signalled = time.monotonic()
