@@ -24,3 +24,12 @@ def ray_tcp_only() -> bool:
 def cuda_visible_devices() -> str | None:
     """`CUDA_VISIBLE_DEVICES` as set (None: unset; "" or "-1" hides every GPU)."""
     return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def allocator() -> str:
+    """`PAGODA_ALLOCATOR`: "jemalloc" (default; preloaded into the engine and worker processes when the library
+    is installed) or "system" (glibc malloc, whose arenas fragment under a server's varying batch shapes)."""
+    value = os.environ.get("PAGODA_ALLOCATOR", "jemalloc").lower()
+    if value not in ("jemalloc", "system"):
+        raise ValueError(f"PAGODA_ALLOCATOR must be 'jemalloc' or 'system', got {value!r}")
+    return value

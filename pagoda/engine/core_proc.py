@@ -30,6 +30,7 @@ import msgspec
 import zmq
 
 from pagoda import envs
+from pagoda.child_allocator import preloaded_allocator
 from pagoda.config import PagodaConfig
 from pagoda.core.outputs import EngineCoreOutput, FinishReason
 from pagoda.engine.exceptions import EngineDeadError
@@ -226,7 +227,8 @@ class EngineProcess:
             name="PagodaEngineCore",
             daemon=config.parallel_config.executor_backend != "mp",
         )
-        self.process.start()
+        with preloaded_allocator():
+            self.process.start()
         self._finalizer = weakref.finalize(self, _stop, self.process, context, self.ipc_dir)
         try:
             self.engine_identity, self.num_kv_blocks = self._wait_for_handshake(startup_timeout_s)

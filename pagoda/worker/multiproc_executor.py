@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 
 import msgspec
 
+from pagoda.child_allocator import preloaded_allocator
 from pagoda.config import PagodaConfig
 from pagoda.distributed.shm_broadcast import MessageQueue, MessageQueueReader
 from pagoda.worker.queue_executor import STARTUP_TIMEOUT_S, STOP_GRACE_S, STOPPED_LIMIT_S, QueueExecutor, RankChannel
@@ -62,7 +63,8 @@ class MultiprocExecutor(QueueExecutor):
                 process = context.Process(
                     target=run_worker, name=f"pagoda-worker-{rank}", daemon=True,
                     args=(msgspec.msgpack.encode(rank_start), ready_writer, death_reader))
-                process.start()
+                with preloaded_allocator():
+                    process.start()
                 ready_writer.close()
                 death_reader.close()
                 self._workers.append(_WorkerProcess(rank, process, ready_reader, death_writer))

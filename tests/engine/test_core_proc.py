@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from pagoda import LLM, SamplingParams
+from pagoda.child_allocator import jemalloc_library
 from pagoda.core.outputs import FinishReason
 from pagoda.engine.arg_utils import EngineArgs
 from pagoda.engine.core_client import SyncMPClient
@@ -112,6 +113,14 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving(mp_llm: LLM, smoll
     assert mp_llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == (
         smollm_llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     )
+
+
+@pytest.mark.skipif(jemalloc_library() is None or bool(os.environ.get("LD_PRELOAD")),
+                    reason="jemalloc is not installed, or the user preloads an allocator of their own")
+def test_engine_process_runs_on_jemalloc(mp_llm: LLM) -> None:
+    pid = mp_llm.llm_engine.engine_core.engine.process.pid
+    assert "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
+    assert "LD_PRELOAD" not in os.environ
 
 
 def test_utility_calls(mp_llm: LLM) -> None:
