@@ -11,20 +11,31 @@ mid-stream and client-side timeouts (aborts). Every answer is checked: a
 seen before. A Redis tier is killed a third of the way in and restarted
 later: requests must not fail. Afterwards the engine must be idle (no
 request running or waiting, no KV block in use), and the server's RSS is
-sampled throughout (flat means no leak).
+sampled throughout (flat means no leak). The KV cache is a fixed 256 MiB:
+its pages are faulted in as blocks are first written, so RSS climbs until
+every block has been used once (a few hundred answers), and only growth
+after that could be a leak.
+
+Then `--vision-clients` clients (default 16) for `--vision-minutes`
+(default 2) send image chats, one or two images each from a pool larger
+than the encoder cache holds (so entries are shared, evicted and encoded
+again), with the same disconnects and aborts, to a random-weight Gemma 3
+vision model: every answer checked as above, and afterwards no encoder-cache
+entry may still be referenced.
 
 Then two faults on purpose: SIGTERM under load (running requests finish,
 new ones get 503, exit status 0) and the engine process killed with SIGKILL
 (`/health` 503 and the running streams ended with an error within seconds,
 never a hang). The server is smollm2-135m on a free loopback port.
 
-    python benchmarks/soak.py [--minutes 10] [--clients 100]
+    python benchmarks/soak.py [--minutes 10] [--clients 100] [--vision-minutes 2] [--vision-clients 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import random
@@ -33,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,17 +52,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "entrypoints"))
+sys.path.insert(0, str(ROOT / "tests" / "multimodal"))
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 from openai_server_helpers import RemoteServer  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from report import write_section  # noqa: E402
+from vision_engine_helpers import noise_image, png_bytes  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 HEADER = ("# Reliability\n\nEach section is rewritten by the benchmark named in it: hostile and fuzzed input "
           "against a real server, and what the server answered.\n")
 MODEL = "smollm2-135m"
+KV_CACHE_MEMORY = "256MiB"
+# 4 encoder rows per image on the tiny vision model: the cache holds 10 of the pool's 32 images.
+ENCODER_CACHE_ROWS, VISION_IMAGES = 40, 32
 WORDS = ("river stone lantern orbit maple copper harbor violet summit quiet thunder meadow cipher amber "
          "falcon ember glacier willow prism canyon").split()
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -116,6 +133,17 @@ def random_body(rng: random.Random, prefixes: list[str]) -> tuple[str, dict]:
         body["max_tokens"] = 48
     if rng.random() < 0.2:
         body["logprobs"], body["top_logprobs"] = True, rng.randint(0, 3)
+    return "/v1/chat/completions", body
+
+
+def vision_body(rng: random.Random, images: list[str]) -> tuple[str, dict]:
+    """An image chat with one or two images of the pool, mixed parameters: (path, body)."""
+    content: list[dict] = [{"type": "text", "text": " ".join(rng.sample(WORDS, rng.randint(1, 6)))}]
+    content += [{"type": "image_url", "image_url": {"url": url}} for url in rng.sample(images, rng.choice([1, 1, 2]))]
+    body: dict = {"messages": [{"role": "user", "content": content}], "max_tokens": rng.randint(1, 12),
+                  "temperature": rng.choice([0.0, 0.8]), "n": rng.choice([1, 1, 2]), "stream": rng.random() < 0.7}
+    if body["stream"]:
+        body["stream_options"] = {"include_usage": True}
     return "/v1/chat/completions", body
 
 
@@ -187,11 +215,12 @@ async def run_plain(http: httpx.AsyncClient, path: str, body: dict, tally: Tally
     tally.e2e.append(time.monotonic() - started)
 
 
-async def client(url: str, seed: int, deadline: float, tally: Tally, prefixes: list[str]) -> None:
+async def client(url: str, seed: int, deadline: float, tally: Tally,
+                 make_body: Callable[[random.Random], tuple[str, dict]]) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         while time.monotonic() < deadline:
-            path, body = random_body(rng, prefixes)
+            path, body = make_body(rng)
             tally.sent += 1
             try:
                 await (run_stream if body["stream"] else run_plain)(http, path, body, tally, rng)
@@ -221,7 +250,7 @@ async def load(server: RemoteServer, redis: RedisServer, args: argparse.Namespac
     seconds = args.minutes * 60
     deadline = started + seconds
     prefixes = shared_prefixes(random.Random(1))
-    clients = [asyncio.create_task(client(server.url, seed, deadline, tally, prefixes))
+    clients = [asyncio.create_task(client(server.url, seed, deadline, tally, lambda rng: random_body(rng, prefixes)))
                for seed in range(args.clients)]
     outage = (started + seconds / 3, started + seconds / 2)
     redis_down = False
@@ -240,12 +269,39 @@ async def load(server: RemoteServer, redis: RedisServer, args: argparse.Namespac
     return outage[0] - started, outage[1] - started
 
 
+async def vision_load(server: RemoteServer, args: argparse.Namespace, tally: Tally) -> None:
+    images = ["data:image/png;base64," + base64.b64encode(png_bytes(noise_image(seed))).decode()
+              for seed in range(VISION_IMAGES)]
+    deadline = time.monotonic() + args.vision_minutes * 60
+    await asyncio.gather(*(client(server.url, 1000 + seed, deadline, tally, lambda rng: vision_body(rng, images))
+                           for seed in range(args.vision_clients)))
+
+
+def vision_folder(directory: Path) -> Path:
+    """A random-weight tiny Gemma 3 vision model with the real Gemma 3 tokenizer (as the vision tests build)."""
+    from tiny_gemma3 import build_tiny_gemma3
+
+    from pagoda.models.resolve import resolve_model
+
+    return build_tiny_gemma3(directory / "gemma3-vision", tokenizer_source=resolve_model("gemma3-270m"))
+
+
+def encoder_cache_counters(url: str) -> dict[str, float]:
+    """The encoder cache's own counters (hits, evictions, entries, referenced, free rows) from `/metrics`."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("pagoda:mm_") and 'cache="encoder_cache"' in line:
+            name = line.split("{", 1)[0][len("pagoda:mm_"):].removesuffix("_total")
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
 def wait_idle(url: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for _ in range(100):  # aborts reach the engine asynchronously
         values = gauges(url)
         if values.get("num_requests_running") == 0 and values.get("num_requests_waiting") == 0 \
-                and values.get("kv_cache_usage_perc") == 0:
+                and values.get("kv_cache_usage_perc") == 0 and not values.get("mm_referenced_total"):
             break
         time.sleep(0.2)
     return values
@@ -321,6 +377,31 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else float("nan")
 
 
+def vision_report(args, tally: Tally, seconds: float, idle: dict[str, float],
+                  encoder: dict[str, float]) -> tuple[str, bool]:
+    idle_ok = idle.get("num_requests_running") == 0 and idle.get("num_requests_waiting") == 0 \
+        and idle.get("kv_cache_usage_perc") == 0
+    encoder_ok = encoder.get("referenced") == 0 and encoder.get("hits", 0) > 0 and encoder.get("evictions", 0) > 0
+    ok = not tally.failures and tally.completed > 0 and idle_ok and encoder_ok
+    failures = "\n".join(f"- {f}" for f in tally.failures[:10]) or "none"
+    body = f"""Images: **{tally.sent}** image chats (one or two of {VISION_IMAGES} images each, an encoder cache of \
+{ENCODER_CACHE_ROWS} rows holding 10) from {args.vision_clients} concurrent clients in {seconds:.0f} s to a \
+random-weight Gemma 3 vision model: **{tally.completed}** complete answers checked, {tally.disconnected} streams \
+disconnected on purpose, {tally.aborted} requests abandoned by a client timeout. **Failed or incomplete answers: \
+{len(tally.failures)}; duplicated response ids: {tally.duplicates}.** Latency end to end p50 \
+{percentile(tally.e2e, 50):.2f} s, p99 {percentile(tally.e2e, 99):.2f} s.
+
+Afterwards: running {idle.get('num_requests_running')}, waiting {idle.get('num_requests_waiting')}, KV cache in \
+use {idle.get('kv_cache_usage_perc')}; encoder cache: {encoder.get('entries', float('nan')):.0f} entries cached, \
+**{encoder.get('referenced', float('nan')):.0f} still referenced** \
+({'all free' if encoder_ok else 'NOT FREE, or the cache was not exercised'}), {encoder.get('hits', 0):.0f} hits, \
+{encoder.get('evictions', 0):.0f} evictions.
+
+Failures (first 10): {failures}
+"""
+    return body, ok
+
+
 def report(args, tally: Tally, seconds: float, outage: tuple[float, float], idle: dict[str, float],
            rss: list[tuple[float, int, int, int]], drain: dict, killed: dict) -> tuple[str, bool]:
     samples = [s for s in rss if s[1] > 0]
@@ -355,8 +436,9 @@ in use {idle.get('kv_cache_usage_perc')} ({'all free' if idle_ok else 'NOT FREE'
 {', '.join(f'{k[len("kv_store_"):]} {v:.0f}' for k, v in sorted(store.items())) or 'none'}. \
 The encoder cache is not exercised by this text model (the vision tests check it empties).
 
-Server RSS (server and engine processes) from {base[1] if base else 0} to {end[1] if end else 0} answers: \
-{growth:+.0f} MiB; over the second half (from {middle[1] if middle else 0} answers): {late_growth:+.0f} MiB.
+Server RSS (server and engine processes; a KV cache of {KV_CACHE_MEMORY}, faulted in as its blocks are first \
+used) from {base[1] if base else 0} to {end[1] if end else 0} answers: {growth:+.0f} MiB; over the second half \
+(from {middle[1] if middle else 0} answers): {late_growth:+.0f} MiB.
 
 | seconds | answers | RSS MiB, all | of which the server process |
 | --- | --- | --- | --- |

@@ -2,10 +2,10 @@
 
 glibc malloc keeps freed memory in per-thread arenas that fragment when every
 step allocates tensors of a different size (a server's batches vary step by
-step): measured on the soak's mixed requests, the engine's RSS kept climbing
-for as long as it ran (+250 MiB over 1280 requests after the KV cache was
-full, and still rising), where jemalloc levelled off (+26 MiB over the same
-second half) at the same speed. The allocator must be chosen before a
+step): measured over 1280 mixed requests (a 256 MiB KV cache), the engine's
+RSS kept climbing for as long as it ran (+246 MiB over the last 640, and
+still rising), where jemalloc levelled off (+26 MiB over the same 640) at
+the same speed (346 vs 351 s for the run). The allocator must be chosen before a
 process starts, so it is preloaded (`LD_PRELOAD`) into the processes Pagoda
 spawns; the process that imported Pagoda keeps its own. vLLM's CPU images
 preload tcmalloc for the same reason.
