@@ -434,7 +434,7 @@ Redis tier killed at {outage[0]:.0f} s and restarted at {outage[1]:.0f} s: reque
 Afterwards: running {idle.get('num_requests_running')}, waiting {idle.get('num_requests_waiting')}, KV cache \
 in use {idle.get('kv_cache_usage_perc')} ({'all free' if idle_ok else 'NOT FREE'}); KV store counters: \
 {', '.join(f'{k[len("kv_store_"):]} {v:.0f}' for k, v in sorted(store.items())) or 'none'}. \
-The encoder cache is not exercised by this text model (the vision tests check it empties).
+The encoder cache is exercised by the image phase below.
 
 Server RSS (server and engine processes; a KV cache of {KV_CACHE_MEMORY}, faulted in as its blocks are first \
 used) from {base[1] if base else 0} to {end[1] if end else 0} answers: {growth:+.0f} MiB; over the second half \
@@ -461,6 +461,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--vision-minutes", type=float, default=2.0)
+    parser.add_argument("--vision-clients", type=int, default=16)
     args = parser.parse_args()
     rss: list[tuple[float, int, int, int]] = []
     tally = Tally()
@@ -479,6 +481,18 @@ def main() -> None:
             drain = asyncio.run(drain_under_load(server))
         finally:
             server.stop()
+        vision_tally = Tally()
+        vision = RemoteServer(Path(log_dir) / "vision.log", "--max-model-len", "512", "--encoder-cache-size",
+                              str(ENCODER_CACHE_ROWS), model=str(vision_folder(Path(log_dir))))
+        try:
+            vision.wait_ready()
+            vision_started = vision_tally.started = time.monotonic()
+            asyncio.run(vision_load(vision, args, vision_tally))
+            vision_seconds = time.monotonic() - vision_started
+            vision_idle = wait_idle(vision.url)
+            encoder = encoder_cache_counters(vision.url)
+        finally:
+            vision.stop()
         second = RemoteServer(Path(log_dir) / "server2.log", "--dtype", "auto", model=MODEL)
         try:
             second.wait_ready()
@@ -486,10 +500,12 @@ def main() -> None:
         finally:
             second.stop()
     body, ok = report(args, tally, seconds, outage, idle, rss, drain, killed)
+    vision_body_text, vision_ok = vision_report(args, vision_tally, vision_seconds, vision_idle, encoder)
+    body += "\n" + vision_body_text
     print(body)
     print(f"server logs: {log_dir}", file=sys.stderr)
     write_section("Load, faults and drain", body, " ".join(["python"] + sys.argv), DOC, HEADER, plot=False)
-    if not ok:
+    if not (ok and vision_ok):
         sys.exit(1)
 
 
