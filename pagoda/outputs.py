@@ -78,3 +78,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = field(default=None)
+    # With `error`: the request itself was at fault (the server answers 400), not the engine.
+    invalid_request: bool = False

@@ -34,6 +34,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Seconds the request waited in the scheduler's queue before it first ran; on its first output only.
     queue_time: float | None = None
     error: str | None = None
+    # The error is the request's own (a constraint this model's vocabulary cannot carry): a client error.
+    invalid_request: bool = False
 
     @property
     def finished(self) -> bool:

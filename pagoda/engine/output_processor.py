@@ -144,6 +144,7 @@ class OutputProcessor:
             request_output = self._make_output(state, finish_reason, stop_reason, now)
             if request_output is not None:
                 request_output.error = output.error
+                request_output.invalid_request = output.invalid_request
                 request_outputs.append(request_output)
             if iteration_stats is not None and request_output is not None and request_output.finished:
                 parent = state.parent

@@ -98,6 +98,9 @@ def test_a_streamed_constrained_answer_is_the_same_text(client):
     ({"structured_outputs": {"json": {"type": "object"}, "regex": "a"}}, "structured_outputs", "exactly one"),
     ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs", "whitespace_pattern"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex", "one structured output"),
+    # Readable as a grammar, refused only against the vocabulary, by the engine core.
+    ({"structured_outputs": {"grammar": 'start: <|no_such_token|> "a"'}}, "structured_outputs",
+     "unknown special token"),
 ])
 def test_a_constraint_that_cannot_compile_is_a_400_naming_it(client, extra, param, words):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -125,6 +125,16 @@ def test_a_bad_constraint_is_refused_before_it_is_queued(smollm_llm):
     assert not smollm_llm.llm_engine.has_unfinished_requests()
 
 
+def test_a_constraint_the_vocabulary_cannot_carry_fails_as_the_requests_own_error(smollm_llm):
+    constrained = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(
+        grammar='start: <|no_such_token|> "a"'))
+    free = SamplingParams(max_tokens=4, temperature=0)
+    refused, fine = smollm_llm.generate(["Hi", "Hello"], [constrained, free], use_tqdm=False)
+    assert refused.outputs[0].finish_reason == "error" and refused.invalid_request
+    assert "structured_outputs.grammar" in refused.error and "unknown special token" in refused.error
+    assert fine.error is None and not fine.invalid_request and len(fine.outputs[0].token_ids) == 4
+
+
 class PanicException(BaseException):
     """Stands in for pyo3's: a Rust panic crosses into Python as a BaseException of this name."""
 
@@ -141,5 +151,6 @@ def test_a_matcher_that_panics_fails_its_request_alone(smollm_llm, monkeypatch: 
     constrained = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="[a-z]{3} panics"))
     broken, fine = smollm_llm.generate(["Hi", "Hello"], [constrained, free], use_tqdm=False)
     assert broken.outputs[0].finish_reason == "error" and "a bug in llguidance" in broken.error
+    assert not broken.invalid_request  # a failure of the engine's, not the request's
     assert fine.outputs[0].token_ids == expected.outputs[0].token_ids
     assert _core(smollm_llm).structured_output.num_matchers == 0

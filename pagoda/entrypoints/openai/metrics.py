@@ -7,8 +7,9 @@ latest `SchedulerStatsMessage` (running/waiting requests, KV-cache usage,
 prefix-cache and preemption counts); `/metrics` also asks the engine for
 its current gauges at each scrape. The scheduler's counters are cumulative, so
 each Prometheus counter advances by how far the engine's count has moved.
-The KV store's per-tier counters (also cumulative) are exported as they are,
-labelled by tier, by a collector reading the latest snapshot.
+The KV store's per-tier counters (also cumulative) and the image caches'
+counters and levels are exported as they are, labelled by tier or cache, by a
+collector reading the latest snapshot.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pagoda.engine.iteration_stats import IterationStats
@@ -26,6 +27,8 @@ _PREFIX = "pagoda:"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0)
+# The image caches' numbers that are levels, not totals: how full a cache is now.
+_MM_GAUGES = frozenset({"entries", "referenced", "free_rows", "cached_items"})
 _CUMULATIVE_STATS = {
     "prefix_cache_queries": "Prefix-cache lookups, in tokens.",
     "prefix_cache_hits": "Prefix-cache hits, in tokens.",
@@ -68,9 +71,9 @@ class ServerMetrics:
                                        ["model_name", "finish_reason"], registry=self.registry)
         self._cumulative = {name: counter(name, doc) for name, doc in _CUMULATIVE_STATS.items()}
         self._last_cumulative = dict.fromkeys(_CUMULATIVE_STATS, 0)
-        self.kv_store = GroupedCounters(model_name, "kv_store", "KV store", "tier")
+        self.kv_store = GroupedMetrics(model_name, "kv_store", "KV store", "tier")
         self.registry.register(self.kv_store)
-        self.multimodal = GroupedCounters(model_name, "mm", "Image caches", "cache")
+        self.multimodal = GroupedMetrics(model_name, "mm", "Image caches", "cache", gauges=_MM_GAUGES)
         self.registry.register(self.multimodal)
 
     def __call__(self, iteration_stats: IterationStats, scheduler_stats: SchedulerStatsMessage | None) -> None:
@@ -107,22 +110,26 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class GroupedCounters(Collector):
-    """`pagoda:<prefix>_<counter>_total{<label>=...}` from the engine's latest snapshot of counters by group
+class GroupedMetrics(Collector):
+    """`pagoda:<prefix>_<counter>_total{<label>=...}` and, for the names in `gauges`,
+    `pagoda:<prefix>_<gauge>{<label>=...}`, from the engine's latest snapshot by group
     (the KV store's by tier, the image caches' by cache)."""
 
-    def __init__(self, model_name: str, prefix: str, what: str, label: str) -> None:
+    def __init__(self, model_name: str, prefix: str, what: str, label: str,
+                 gauges: frozenset[str] = frozenset()) -> None:
         self.model_name = model_name
         self.prefix, self.what, self.label = prefix, what, label
+        self.gauges = gauges
         self.snapshot: dict[str, dict[str, float]] = {}
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        families: dict[str, CounterMetricFamily] = {}
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for tier, counters in sorted(self.snapshot.items()):
             for name, value in sorted(counters.items()):
                 family = families.get(name)
                 if family is None:
-                    family = families[name] = CounterMetricFamily(
+                    kind = GaugeMetricFamily if name in self.gauges else CounterMetricFamily
+                    family = families[name] = kind(
                         f"{_PREFIX}{self.prefix}_{name}", f"{self.what}: {name.replace('_', ' ')}, per {self.label}.",
                         labels=["model_name", self.label])
                 family.add_metric([self.model_name, tier], value)

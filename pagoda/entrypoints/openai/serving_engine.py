@@ -182,6 +182,8 @@ class OpenAIServing:
         try:
             async for output in self.engine.generate(prompt, params, request_id, request.priority,
                                                      cache_salt=request.cache_salt):
+                if output.error is not None and output.invalid_request:
+                    raise from_value_error(ValueError(output.error))
                 if output.error is not None:
                     raise OpenAIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"request failed: {output.error}")
                 yield output
