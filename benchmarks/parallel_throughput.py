@@ -1,11 +1,13 @@
-"""Parallel-execution benchmark, part 2: the reference offline workload on one process, one worker process, and
-two tensor-parallel ranks; and what one gloo all-reduce of a step's activations costs here.
+"""Parallel-execution benchmark, part 2: the reference offline workload on one process, one worker process, two
+tensor-parallel ranks, two pipeline stages and two engine cores; and what one gloo all-reduce of a step's
+activations costs here.
 
 Each configuration runs in a fresh child process, one after the other
 (never overlapping), Gemma 3 270M in `--dtype` (auto: bf16, or float32 on a CPU without native bf16) with
 both cores: the in-process
 worker (`uni`), the same single rank in a worker process (`mp`, TP=1: the
 cost of the multiprocess executor; goal ≤ 3%), TP=2 (`mp`, a rank per core),
+PP=2 (`mp`, two stages of 9 layers, a core each, two batches in flight),
 and DP=2 (two engine cores, one core each, behind one front end). On a 2-core machine TP=2 cannot be faster: each rank gets one core
 for half the work, and every step adds 1 + 2 × 18 + 1 = 38 all-reduces or
 gathers on the critical path; the all-reduce table measures them.
@@ -29,8 +31,9 @@ from child_runs import add_workload_arguments, resolve_workload, run_child
 from offline_throughput import exact_params, random_prompts, warmup_prompts
 from report import write_section
 
-# Name -> (executor backend, tensor-parallel size, data-parallel size).
-CONFIGS = {"uni, TP=1": ("uni", 1, 1), "mp, TP=1": ("mp", 1, 1), "mp, TP=2": ("mp", 2, 1), "DP=2": ("uni", 1, 2)}
+# Name -> (executor backend, tensor-parallel size, data-parallel size, pipeline stages).
+CONFIGS = {"uni, TP=1": ("uni", 1, 1, 1), "mp, TP=1": ("mp", 1, 1, 1), "mp, TP=2": ("mp", 2, 1, 1),
+           "mp, PP=2": ("mp", 1, 1, 2), "DP=2": ("uni", 1, 2, 1)}
 # Collectives per step of Gemma 3 270M at TP > 1: the embedding, two per layer (18), the logits gather.
 COLLECTIVES_PER_STEP = 1 + 2 * 18 + 1
 
@@ -38,10 +41,11 @@ COLLECTIVES_PER_STEP = 1 + 2 * 18 + 1
 def child(args: argparse.Namespace) -> None:
     from pagoda import LLM, SamplingParams
 
-    backend, tp, dp = CONFIGS[args.child]
+    backend, tp, dp, pp = CONFIGS[args.child]
     prompts = random_prompts(args.num_requests, args.prompt_len, seed=0)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=len(prompts), max_model_len=4096,
-              tensor_parallel_size=tp, distributed_executor_backend=backend, data_parallel_size=dp)
+              tensor_parallel_size=tp, distributed_executor_backend=backend, data_parallel_size=dp,
+              pipeline_parallel_size=pp)
     llm.generate(warmup_prompts(args.prompt_len), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     started = time.perf_counter()
     outputs = llm.generate(prompts, exact_params(SamplingParams, args.max_tokens), use_tqdm=False)
@@ -136,7 +140,9 @@ def main() -> None:
     body = (f"Gemma 3 270M, {args.dtype}, {args.num_requests} × {args.prompt_len} → {args.max_tokens} (greedy, exact "
             f"lengths), each configuration in a fresh process after a warm-up, {args.repeats} interleaved rounds. TP=2 gives each rank one of the two "
             f"cores, so it cannot beat one rank with both; every step also waits for {COLLECTIVES_PER_STEP} "
-            f"collectives (the embedding, two per layer, the logits gather):\n\n" + "\n".join(rows) +
+            f"collectives (the embedding, two per layer, the logits gather). PP=2 keeps two batches in flight, so each "
+            f"stage's core works on one while the other stage works on the other; the batches are half as big "
+            f"(smaller GEMMs) and each step sends its hidden states from stage to stage once:\n\n" + "\n".join(rows) +
             "\n\nOne all-reduce of a step's activations between 2 gloo ranks on loopback (median of 50; a decode "
             "step of 64 sequences reduces 64 rows, a prefill chunk up to 2048):\n\n" + "\n".join(reduces))
     print(body)

@@ -148,16 +148,23 @@ class ParallelConfig:
     process; "mp" runs each rank in a worker process of its own, fed through a
     shared-memory broadcast queue. None: "mp" when there is more than one
     rank, "uni" otherwise.
+
+    Ranks: `pipeline_parallel_size` stages of `tensor_parallel_size` ranks
+    each; global rank = stage * tensor_parallel_size + tensor-parallel rank.
     """
 
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     # Engine cores (each a process with its own scheduler, KV cache and ranks) behind one front end.
     data_parallel_size: int = 1
+    # Stages the decoder's layers are split into, one after another (each stage a group of ranks).
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1,
                  f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
+        _require(self.pipeline_parallel_size >= 1,
+                 f"pipeline_parallel_size must be positive, got {self.pipeline_parallel_size}")
         _require(self.data_parallel_size >= 1, f"data_parallel_size must be positive, got {self.data_parallel_size}")
         _require(self.distributed_executor_backend in (None, *EXECUTOR_BACKENDS),
                  f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
@@ -167,7 +174,12 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def last_stage_rank(self) -> int:
+        """The global rank that answers a step: the last stage's first tensor-parallel rank (it samples)."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
     @property
     def threads_per_rank(self) -> int:

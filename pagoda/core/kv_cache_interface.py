@@ -77,6 +77,11 @@ class KVCacheConfig:
     def bytes_per_block(self) -> int:
         return self.num_kv_tensors * self.groups[0].spec.page_size_bytes
 
+    def positions_used_by(self, layers: range) -> set[int]:
+        """The tensor positions the layers in `layers` use (a pipeline stage allocates only these)."""
+        return {position for group in self.groups for position, layer_index in enumerate(group.layer_indices)
+                if layer_index in layers}
+
 
 def group_layers(layer_specs: list[KVCacheSpec]) -> tuple[KVCacheGroupSpec, ...]:
     """Group layer indices by identical spec, then split into groups of equal size."""

@@ -44,8 +44,14 @@ class SchedulePlan:
         self.num_scheduled_tokens[request.request_id] = num_new_tokens
         self.token_budget -= num_new_tokens
 
-    def make_scheduler_output(self, kv_cache_manager: KVCacheManager, finished_req_ids: set[str]) -> SchedulerOutput:
-        """New requests in full; running and resumed ones as diffs against what the worker holds."""
+    def make_scheduler_output(self, kv_cache_manager: KVCacheManager, finished_req_ids: set[str],
+                              send_token_ids: bool = False) -> SchedulerOutput:
+        """New requests in full; running and resumed ones as diffs against what the worker holds.
+
+        `send_token_ids` (pipeline parallelism): also the tokens of each scheduled request that the stages
+        which did not sample may lack (`CachedRequestData.new_token_ids`). Called before the scheduler
+        advances `num_computed_tokens` past this step.
+        """
         new_reqs_data = [
             NewRequestData(
                 req_id=request.request_id,
@@ -61,9 +67,15 @@ class SchedulePlan:
         for request in self.running_reqs:
             new_blocks = self.new_blocks[request.request_id]
             _add_cached(cached, request, False, None if new_blocks.is_empty() else new_blocks.get_block_ids())
+            if send_token_ids:
+                start = request.num_computed_tokens
+                cached.new_token_ids.append(
+                    request.all_token_ids[start : start + self.num_scheduled_tokens[request.request_id]])
         for request in self.resumed_reqs:
             # All block ids: they replace the ones the worker had before the preemption.
             _add_cached(cached, request, True, kv_cache_manager.get_block_ids(request.request_id))
+            if send_token_ids:
+                cached.new_token_ids.append(list(request.output_token_ids))
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs_data,
             scheduled_cached_reqs=cached,

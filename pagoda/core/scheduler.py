@@ -70,6 +70,7 @@ class Scheduler:
         kv_connector: KVConnectorSchedulerSide | None = None,
         enable_multimodal: bool = False,
         ec_connector: ECConnectorSchedulerSide | None = None,
+        pipeline_parallel: bool = False,
     ) -> None:
         if cache_config.block_size != kv_cache_config.block_size:
             raise ValueError(
@@ -82,6 +83,8 @@ class Scheduler:
         self.log_stats = log_stats
         self.max_model_len = scheduler_config.max_model_len
         self.policy = scheduler_config.policy
+        # Pipeline stages but the last do not sample: each step tells them the tokens they lack.
+        self.pipeline_parallel = pipeline_parallel
 
         self.requests: dict[str, Request] = {}
         self.waiting = create_request_queue(self.policy)
@@ -135,7 +138,7 @@ class Scheduler:
         # Blocks just ran short: admitting newcomers would only preempt again.
         if plan.num_preempted == 0:
             self._schedule_waiting(plan)
-        output = plan.make_scheduler_output(self.kv_cache_manager, self.finished_req_ids)
+        output = plan.make_scheduler_output(self.kv_cache_manager, self.finished_req_ids, self.pipeline_parallel)
         if self.kv_connector is not None:
             output.kv_connector_metadata = self.kv_connector.build_connector_meta(
                 output.num_scheduled_tokens, self.requests, self.kv_cache_manager.get_block_ids)

@@ -34,6 +34,9 @@ class CachedRequestData(msgspec.Struct, kw_only=True):
     resumed_from_preemption: list[bool] = msgspec.field(default_factory=list)
     new_block_ids: list[BlockIds | None] = msgspec.field(default_factory=list)
     num_computed_tokens: list[int] = msgspec.field(default_factory=list)
+    # Pipeline parallelism only (else empty): a running request's tokens this step computes, a resumed
+    # one's output tokens so far; the stages that did not sample them take them from here.
+    new_token_ids: list[list[int]] = msgspec.field(default_factory=list)
 
 
 class GrammarBitmask(msgspec.Struct, kw_only=True):

@@ -29,6 +29,7 @@ from pagoda.config import (
 from pagoda.engine.auto_dtype import resolve_dtype
 from pagoda.kv_store_spec import parse_kv_store_spec
 from pagoda.models.hf_config import check_tensor_parallel_size, mm_info, text_config
+from pagoda.models.pipeline_stages import check_pipeline_parallel
 from pagoda.models.identity import model_identity
 from pagoda.models.resolve import resolve_model
 
@@ -68,6 +69,8 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     # Engine cores behind this front end, each with its own scheduler and KV cache (a process each).
     data_parallel_size: int = 1
+    # Stages the decoder's layers are split into (pipeline parallelism), each of tensor_parallel_size ranks.
+    pipeline_parallel_size: int = 1
     encoder_cache_size: int | None = None
     max_num_encoder_input_tokens: int | None = None
     # The encoder-cache store for image encoder outputs (same tier syntax), e.g. "disk:/var/cache/pagoda-ec:20GiB",
@@ -100,6 +103,9 @@ class EngineArgs:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         image_info = mm_info(hf_config)
         check_tensor_parallel_size(hf_config, self.tensor_parallel_size)
+        if self.pipeline_parallel_size > 1:
+            check_pipeline_parallel(decoder_config, self.pipeline_parallel_size, image_info is not None,
+                                    self.kv_store, self.ec_store)
         model_config = ModelConfig(
             model=self.model,
             path=str(path),
@@ -138,7 +144,8 @@ class EngineArgs:
                             ec_transfer_config=ec_transfer_config(self.ec_store, self.ec_role),
                             parallel_config=ParallelConfig(self.tensor_parallel_size,
                                                            self.distributed_executor_backend,
-                                                           self.data_parallel_size))
+                                                           self.data_parallel_size,
+                                                           self.pipeline_parallel_size))
 
     def _mm_config(self) -> MultiModalConfig:
         limits = dict(self.limit_mm_per_prompt or {})

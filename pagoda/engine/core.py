@@ -5,6 +5,12 @@ their KV layer specs and free memory, sizes the block pool (`kv_cache_sizing`),
 and logs how many blocks that is, why, and how many full-length requests fit
 at once. With a KV store, the connector factory (`pagoda.kv_connector.factory`)
 builds the scheduler side the scheduler holds; the engine knows no store class.
+
+With pipeline parallelism, a step keeps a batch queue (as vLLM's
+`step_with_batch_queue`): it schedules and sends batches until one per stage
+is in flight, then waits for the oldest, so every stage has a batch to work
+on. Requests of a batch in flight are not scheduled again until its tokens
+are in (the scheduler has already counted them computed).
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from pagoda.config import PagodaConfig
+from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.outputs import EngineCoreOutput, FinishReason
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler
@@ -24,7 +32,7 @@ from pagoda.engine.messages import EngineCoreOutputs, EngineCoreRequest, Schedul
 from pagoda.ec_connector.factory import make_ec_scheduler_connector, with_private_ec_lookup_address
 from pagoda.kv_connector.factory import make_scheduler_connector, with_private_lookup_address
 from pagoda.structured_output.manager import StructuredOutputManager
-from pagoda.worker.executor import Executor, executor_class_for
+from pagoda.worker.executor import Executor, PendingStep, executor_class_for
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +49,9 @@ class EngineCore:
         self.config = config
         self.executor = (executor_class or executor_class_for(config))(config)
         self.executor.load_model()
+        num_stages = config.parallel_config.pipeline_parallel_size
         sizing = size_kv_cache(self.executor.get_kv_cache_spec(), self.executor.determine_available_memory(),
-                               config.cache_config, config.scheduler_config)
+                               config.cache_config, config.scheduler_config, num_stages)
         kv_cache_config = sizing.config
         self.executor.initialize_kv_cache(kv_cache_config)
         self.kv_cache_config = kv_cache_config
@@ -56,7 +65,11 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_config,
                                    kv_connector=make_scheduler_connector(config, kv_cache_config),
                                    enable_multimodal=mm_tokens_per_image is not None,
-                                   ec_connector=make_ec_scheduler_connector(config))
+                                   ec_connector=make_ec_scheduler_connector(config),
+                                   pipeline_parallel=num_stages > 1)
+        # Batches sent to the workers and not yet answered, oldest first (more than one only with stages).
+        self._batch_queue: deque[tuple[SchedulerOutput, PendingStep]] = deque()
+        self._max_batches_in_flight = num_stages
         self.structured_output = StructuredOutputManager(config.model_config, config.scheduler_config.max_num_seqs)
         # Constrained requests whose grammar is still compiling: they join the scheduler when it is ready.
         self._awaiting_grammar: dict[str, tuple[Request, Future]] = {}
@@ -103,14 +116,38 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def step(self) -> EngineCoreOutputs:
+        if self._max_batches_in_flight > 1:
+            return self._step_with_batch_queue()
         outputs = self._admit_compiled()
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs(outputs=outputs)
+        scheduler_output = self._schedule()
+        model_output = self.executor.execute_model(scheduler_output)
+        return self._finish_step(scheduler_output, model_output, outputs)
+
+    def _step_with_batch_queue(self) -> EngineCoreOutputs:
+        """Send another batch if a stage is free and there is work; otherwise wait for the oldest batch."""
+        outputs = self._admit_compiled()
+        queue = self._batch_queue
+        if len(queue) < self._max_batches_in_flight and self.scheduler.has_unfinished_requests():
+            scheduler_output = self._schedule()
+            queue.append((scheduler_output, self.executor.submit_step(scheduler_output)))
+            if len(queue) < self._max_batches_in_flight and scheduler_output.total_num_scheduled_tokens > 0:
+                return EngineCoreOutputs(outputs=outputs)  # fill the next stage before waiting
+        if not queue:
+            return EngineCoreOutputs(outputs=outputs)
+        scheduler_output, pending = queue.popleft()
+        return self._finish_step(scheduler_output, pending.result(), outputs)
+
+    def _schedule(self) -> SchedulerOutput:
         scheduler_output = self.scheduler.schedule()
         if self.structured_output.num_matchers:
             scheduler_output.grammar_bitmask = self.structured_output.bitmask(self._sampling_request_ids(
                 scheduler_output))
-        model_output = self.executor.execute_model(scheduler_output)
+        return scheduler_output
+
+    def _finish_step(self, scheduler_output: SchedulerOutput, model_output: ModelRunnerOutput,
+                     outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         outputs += self.scheduler.update_from_output(scheduler_output, model_output)
         if self.structured_output.num_matchers:
             self._advance_grammars(outputs)
@@ -134,7 +171,8 @@ class EngineCore:
             error = future.exception()
             if error is not None:
                 outputs.append(EngineCoreOutput(request_id=request_id, new_token_ids=[],
-                                                finish_reason=FinishReason.ERROR, error=str(error)))
+                                                finish_reason=FinishReason.ERROR, error=str(error),
+                                                invalid_request=isinstance(error, ValueError)))
                 continue
             self.structured_output.start(request_id, future.result())
             self.scheduler.add_request(request)
@@ -199,7 +237,7 @@ class EngineCore:
         return {"encoder_cache": manager.metrics(), **(self.executor.mm_metrics() or {})}
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._awaiting_grammar) or self.scheduler.has_unfinished_requests()
+        return bool(self._awaiting_grammar or self._batch_queue) or self.scheduler.has_unfinished_requests()
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.reset_prefix_cache()

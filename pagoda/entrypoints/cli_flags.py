@@ -108,6 +108,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, model_flag: bool = False) 
     parallel = parser.add_argument_group("parallel")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
                           help="ranks splitting the model (gloo on CPU, NCCL on CUDA)")
+    parallel.add_argument("--pipeline-parallel-size", "-pp", type=int, default=defaults.pipeline_parallel_size,
+                          help="stages splitting the model's layers, each of --tensor-parallel-size ranks; the "
+                               "engine keeps as many batches in flight")
     parallel.add_argument("--data-parallel-size", "-dp", type=int, default=defaults.data_parallel_size,
                           help="engine cores (processes, each with its own scheduler and KV cache) behind one "
                                "front end")

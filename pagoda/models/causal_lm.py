@@ -3,6 +3,10 @@
 Under tensor parallelism each rank's LM head (the tied embedding's rows, or
 an untied head's) covers its vocabulary slice; `compute_logits` gathers the
 slices, so every rank gets the same full logits and samples identically.
+
+Under pipeline parallelism each stage keeps only what it runs
+(`keep_stage`): its layers (the others pass hidden states through), the
+embedding on the first stage, the final norm and LM head on the last.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ class CausalLM(nn.Module):
         self.model = model
         self.final_logit_softcap = final_logit_softcap
         self.vocab_size: int = config["vocab_size"]
+        self.hidden_size: int = config["hidden_size"]
+        # Checkpoint-name prefixes of what this pipeline stage dropped (the loader skips their weights).
+        self.dropped_prefixes: tuple[str, ...] = ()
+        self.computes_logits = True
         tied = bool(config.get("tie_word_embeddings", tie_by_default))
         self.lm_head = None if tied else lm_head(config["hidden_size"], config["vocab_size"], tp)
         # A tied checkpoint may still carry a copy of the embedding as lm_head.
@@ -39,9 +47,32 @@ class CausalLM(nn.Module):
         self.lm_head_int8: Int8Weight | None = None
         self.lm_head_packed: list[Tensor] | None = None
 
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
-        """input_ids and positions [T] -> hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions, attention)
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """input_ids and positions [T] -> hidden states [T, hidden_size]; `inputs_embeds` [T, hidden_size]
+        replaces the embedding (a later pipeline stage's input: the previous stage's hidden states)."""
+        return self.model(input_ids, positions, attention, inputs_embeds=inputs_embeds)
+
+    def keep_stage(self, layers: range, is_first: bool, is_last: bool) -> None:
+        """Drop what this pipeline stage does not run, on the meta device before the weights load."""
+        stack = self.model
+        dropped = [f"model.layers.{index}." for index in range(len(stack.layers)) if index not in layers]
+        for index in range(len(stack.layers)):
+            if index not in layers:
+                stack.layers[index] = PassThroughLayer()
+        tied = self.lm_head is None
+        if not is_first and not (is_last and tied):
+            del stack.embed_tokens
+            stack.embed_tokens = None
+            dropped.append("model.embed_tokens.")
+        if not is_last:
+            stack.norm = nn.Identity()
+            dropped.append("model.norm.")
+            if not tied:
+                self.lm_head = None
+                dropped.append("lm_head.")
+            self.computes_logits = False
+        self.dropped_prefixes = tuple(dropped)
 
     def compute_logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size] (into `out` when given), soft-capped when
@@ -57,10 +88,14 @@ class CausalLM(nn.Module):
 
     def quantize_int8(self) -> None:
         """An int8 copy of the LM head for few-row calls; the embedding (tied) or lm_head weight stays."""
+        if not self.computes_logits:
+            return
         self.lm_head_int8 = Int8Weight.quantize(self._lm_head_weight())
 
     def pack_weight(self) -> None:
         """The LM head in CPU-packed form: beside the embedding when tied, instead of lm_head's weight if not."""
+        if not self.computes_logits:
+            return
         self.lm_head_packed = pack_lm_head_for_cpu(self._lm_head_weight())
         if self.lm_head_packed is not None and self.lm_head is not None:
             self.lm_head.weight = None
@@ -71,3 +106,10 @@ class CausalLM(nn.Module):
     def attention_layer_specs(self) -> list[AttentionLayerSpec]:
         """This rank's attention layers (local head counts): what its KV cache is sized by."""
         return list(self.specs)
+
+
+class PassThroughLayer(nn.Module):
+    """Stands in for a decoder layer another pipeline stage runs: hidden states pass unchanged."""
+
+    def forward(self, hidden: Tensor, *_args: object) -> Tensor:
+        return hidden

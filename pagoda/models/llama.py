@@ -45,8 +45,9 @@ class LlamaModel(nn.Module):
             specs[0].head_dim, config["max_position_embeddings"], llama_rope_parameters(config)
         )
 
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext) -> Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionContext,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary_emb(positions)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, attention)

@@ -13,7 +13,8 @@ checkpoint name stands for, or None for a tensor the model does not use.
 For a tensor-parallel rank (`tp`), modules that hold a slice of a tensor
 define `checkpoint_slice(param_name, shard, tensor)`: the loader hands them
 the full mmap view and casts only the rows or columns they return, so no
-rank copies the whole checkpoint.
+rank copies the whole checkpoint. A pipeline stage (`pp`) keeps only its
+layers (`CausalLM.keep_stage`); the weights of what it dropped are skipped.
 With `quantization="int8"`, the loaded weights then get their int8 copies;
 last, projections that can take a faster CPU layout are packed
 (`pack_weight()`, see `pagoda.models.layers.pack_for_cpu`).
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
+from pagoda.distributed.parallel_state import SINGLE_RANK, SINGLE_STAGE, PipelineStage, TensorParallelGroup
 from pagoda.models.layers import MergedLinear
+from pagoda.models.pipeline_stages import stage_layers
 from pagoda.models.quantization import quantize_model
 from pagoda.models.registry import architecture_of, get_model_class
 from pagoda.models.safetensors_mmap import iter_tensors
@@ -54,17 +56,23 @@ def load_hf_config(folder: Path) -> dict:
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
-               tp: TensorParallelGroup = SINGLE_RANK) -> nn.Module:
+               tp: TensorParallelGroup = SINGLE_RANK, pp: PipelineStage = SINGLE_STAGE) -> nn.Module:
     """The model described by `folder`, weights cast to `dtype` on `device`, in eval mode.
 
     `quantization`: None, or "int8" for int8 weight copies used by small batches (`pagoda.models.quantization`).
     `tp`: the tensor-parallel group; with more than one rank, the model is this rank's share.
+    `pp`: the pipeline stage; with more than one, the model holds this stage's layers only.
     """
     folder = Path(folder)
     config = load_hf_config(folder)
     model_class = get_model_class(architecture_of(config))
     with torch.device("meta"):
         model = model_class(config, tp=tp)
+    if pp.num_stages > 1:
+        if not hasattr(model, "keep_stage"):
+            raise ValueError(f"{type(model).__name__} cannot be split into pipeline stages")
+        num_layers = len(model.model.layers)
+        model.keep_stage(stage_layers(num_layers, pp.stage, pp.num_stages), pp.is_first, pp.is_last)
     load_weights(model, weight_files(folder), dtype, torch.device(device))
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -81,12 +89,13 @@ def load_weights(model: nn.Module, files: Iterable[Path], dtype: torch.dtype, de
     packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules_mapping", {})
     ignored: frozenset[str] = getattr(model, "ignored_weights", frozenset())
     map_name: Callable[[str], str | None] = getattr(model, "map_checkpoint_name", lambda name: name)
+    dropped: tuple[str, ...] = getattr(model, "dropped_prefixes", ())
     expected = _expected_pieces(model)
     loaded: set[tuple[str, int | None]] = set()
     for file in files:
         for checkpoint_name, stored in iter_tensors(file):
             name = map_name(checkpoint_name)
-            if name is None or name in ignored or name.endswith(_DERIVED_SUFFIXES):
+            if name is None or name in ignored or name.endswith(_DERIVED_SUFFIXES) or name.startswith(dropped):
                 continue
             piece = _target(name, packed)
             if piece not in expected:

@@ -2,12 +2,16 @@
 
 `collective_rpc` calls one method on every worker and returns their answers
 in rank order; everything else is built on it, so a multi-process or
-multi-node executor only has to provide that one call.
+multi-node executor only has to provide that one call. `submit_step` sends
+a step without waiting for it, for the engine's batch queue under pipeline
+parallelism (several batches in flight, one per stage); here it simply runs
+the step.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from pagoda.config import PagodaConfig
@@ -15,6 +19,30 @@ from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.worker.worker import Worker
+
+
+class PendingStep:
+    """A step sent to the workers; `result()` waits for its output. `reader` reads answers, in the order the
+    steps were sent, until this one's is in."""
+
+    def __init__(self, output: ModelRunnerOutput | None = None,
+                 reader: Callable[[PendingStep], None] | None = None) -> None:
+        self._output = output
+        self._reader = reader
+
+    @property
+    def done(self) -> bool:
+        return self._output is not None
+
+    def set_output(self, output: ModelRunnerOutput) -> None:
+        self._output = output
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            assert self._reader is not None
+            self._reader(self)
+        assert self._output is not None
+        return self._output
 
 
 class Executor(ABC):
@@ -40,7 +68,12 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute_model", (scheduler_output,))[0]
 
+    def submit_step(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        return PendingStep(output=self.execute_model(scheduler_output))
+
     def kv_store_metrics(self) -> dict[str, dict[str, float]] | None:
+        if self.config.kv_transfer_config is None:
+            return None  # no store: no need to ask the workers (a round trip each step for worker processes)
         # Rank 0's counters: with tensor parallelism the ranks agree on every load's outcome, so its
         # connector counts are everyone's, but its tiers' counters are its own (other ranks' tiers go unseen).
         return self.collective_rpc("kv_store_metrics")[0]

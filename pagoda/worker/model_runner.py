@@ -17,6 +17,12 @@ For image models, `EncoderRunner` runs the vision encoder on the items the
 scheduler names before the forward pass, and supplies the step's image rows
 (merged into the token embeddings) and soft-token runs (bidirectional blocks
 in the attention metadata).
+
+A pipeline stage (`pp`) runs its layers only: a later stage takes the
+previous stage's hidden states instead of embedding tokens, every stage but
+the last passes its output on and answers nothing, and the last samples.
+The stages that do not sample learn each request's new tokens from the
+scheduler (`CachedRequestData.new_token_ids`).
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ from pagoda.core.connector.kv_metadata import KVConnectorOutput
 from pagoda.core.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from pagoda.core.model_runner_output import LogprobsLists, ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
-from pagoda.distributed.parallel_state import SINGLE_RANK, TensorParallelGroup
+from pagoda.distributed.parallel_state import SINGLE_RANK, SINGLE_STAGE, PipelineStage, TensorParallelGroup
 from pagoda.ec_connector.factory import make_ec_worker_connector
 from pagoda.kv_connector.factory import make_worker_connector
 from pagoda.models.interfaces import AttentionLayerSpec
 from pagoda.models.loader import load_model
+from pagoda.models.pipeline_stages import stage_layers
 from pagoda.worker.attention.metadata import build_group_metadata
 from pagoda.worker.attention.paged_attention import PagedAttention
 from pagoda.worker.encoder_runner import EncoderRunner
@@ -64,11 +71,13 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: PagodaConfig, device: torch.device, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+    def __init__(self, config: PagodaConfig, device: torch.device, tp: TensorParallelGroup = SINGLE_RANK,
+                 pp: PipelineStage = SINGLE_STAGE) -> None:
         self.config = config
         self.device = device
         # This rank's tensor-parallel group: the model holds its shard of every split layer.
         self.tp = tp
+        self.pp = pp
         self.dtype = getattr(torch, config.model_config.dtype)
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
@@ -78,7 +87,7 @@ class ModelRunner:
 
     def load_model(self) -> None:
         self.model = load_model(Path(self.config.model_config.path), self.dtype, self.device,
-                                self.config.model_config.quantization, tp=self.tp)
+                                self.config.model_config.quantization, tp=self.tp, pp=self.pp)
         self.layer_specs: list[AttentionLayerSpec] = self.model.attention_layer_specs()
         if hasattr(self.model, "embed_multimodal"):
             self.encoder_runner = EncoderRunner(self.model, self.device,
@@ -101,13 +110,18 @@ class ModelRunner:
         self.kv_cache_config = kv_cache_config
         spec = kv_cache_config.groups[0].spec
         shape = (2, kv_cache_config.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
-        shared = [allocate_kv_tensor(shape, self.dtype, self.device) for _ in range(kv_cache_config.num_kv_tensors)]
+        # A pipeline stage allocates only the tensors its own layers use; the others' layers get an empty one.
+        local = self._local_layers()
+        shared = {position: allocate_kv_tensor(shape, self.dtype, self.device)
+                  for position in sorted(kv_cache_config.positions_used_by(local))}
         num_layers = len(self.layer_specs)
-        self.layer_kv_caches: list[torch.Tensor] = [shared[0]] * num_layers
+        absent = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.layer_kv_caches: list[torch.Tensor] = [absent] * num_layers
         self.layer_groups = [0] * num_layers
         for group_index, group in enumerate(kv_cache_config.groups):
             for position, layer_index in enumerate(group.layer_indices):
-                self.layer_kv_caches[layer_index] = shared[position]
+                if layer_index in local:
+                    self.layer_kv_caches[layer_index] = shared[position]
                 self.layer_groups[layer_index] = group_index
         self.kv_connector = make_worker_connector(self.config, kv_cache_config, self.layer_kv_caches, self.tp)
         max_model_len = self.config.scheduler_config.max_model_len
@@ -118,10 +132,12 @@ class ModelRunner:
             num_groups=len(kv_cache_config.groups),
         )
 
+    def _local_layers(self) -> range:
+        return stage_layers(len(self.layer_specs), self.pp.stage, self.pp.num_stages)
+
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
-        batch = self.input_batch
         connector = self.kv_connector
         if connector is not None and scheduler_output.kv_connector_metadata is not None:
             connector.start_load_kv(scheduler_output.kv_connector_metadata)
@@ -131,6 +147,8 @@ class ModelRunner:
             kv_output = connector.finish_step(idle=True) if connector is not None else None
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], kv_connector_output=kv_output)
         inputs = self._prepare_inputs(scheduler_output)
+        if self.pp.num_stages > 1:
+            return self._execute_stage(scheduler_output, inputs)
         if connector is None:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, **inputs.model_kwargs)
         else:
@@ -145,6 +163,23 @@ class ModelRunner:
             connector.wait_for_save()
             kv_output = connector.finish_step(idle=False)
             self._drop_rewound_rows(inputs, kv_output)
+        return self._sample(scheduler_output, inputs, hidden, kv_output)
+
+    def _execute_stage(self, scheduler_output: SchedulerOutput, inputs: StepInputs) -> ModelRunnerOutput:
+        """One pipeline stage's part of the step: its layers, then the hidden states on, or sampling."""
+        previous = None
+        if not self.pp.is_first:
+            previous = self.pp.recv_prev((inputs.input_ids.shape[0], self.model.hidden_size), self.dtype,
+                                         self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, inputs_embeds=previous)
+        if not self.pp.is_last:
+            self.pp.send_next(hidden)
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])  # nobody reads it: the last stage answers
+        return self._sample(scheduler_output, inputs, hidden, None)
+
+    def _sample(self, scheduler_output: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor,
+                kv_output: KVConnectorOutput | None) -> ModelRunnerOutput:
+        batch = self.input_batch
         prompt_logprobs = self._compute_prompt_logprobs(hidden, inputs)
         sampled: list[list[int]] = [[] for _ in range(batch.num_reqs)]
         logprobs: list[LogprobsLists | None] = [None] * batch.num_reqs
@@ -224,8 +259,32 @@ class ModelRunner:
             batch.add_request(self.requests[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
+            if cached.new_token_ids:
+                self._take_new_tokens(req_id, cached.resumed_from_preemption[i], cached.num_computed_tokens[i],
+                                      cached.new_token_ids[i])
             self._update_cached_request(req_id, cached.resumed_from_preemption[i], cached.new_block_ids[i],
                                         cached.num_computed_tokens[i])
+
+    def _take_new_tokens(self, req_id: str, resumed: bool, num_computed_tokens: int, token_ids: list[int]) -> None:
+        """Pipeline stages: what the scheduler says of a request's tokens, which this stage did not sample.
+
+        A resumed request's `token_ids` are all its output tokens (every stage takes them: the last one may
+        have sampled a token for it in a batch the scheduler dropped when it preempted the request); a
+        running one's are the tokens this step computes, of which the stages but the last lack the newest.
+        """
+        state = self.requests[req_id]
+        if resumed:  # its row, if it has one, is rebuilt from the state (`_update_cached_request`)
+            state.output_token_ids = list(token_ids)
+            return
+        missing = num_computed_tokens + len(token_ids) - state.num_tokens
+        if self.pp.is_last or missing <= 0:
+            return
+        row = self.input_batch.req_id_to_index.get(req_id)
+        for token_id in token_ids[-missing:]:
+            if row is None:
+                state.output_token_ids.append(token_id)
+            else:
+                self.input_batch.append_token(row, token_id)
 
     def _update_cached_request(self, req_id: str, resumed: bool, new_block_ids: tuple[list[int], ...] | None,
                                num_computed_tokens: int) -> None:

@@ -2,8 +2,12 @@
 
 A call is enqueued once on the broadcast queue (`MessageQueue`) that every
 rank reads; answers come back on each rank's own response queue, or, for
-`execute_model`, from rank 0 only (every rank ends a step with the same
-sampled tokens). Results are typed per method (`_RESULT_TYPES`).
+`execute_model`, from one rank only: rank 0 (every rank ends a step with
+the same sampled tokens), or under pipeline parallelism the last stage's
+first rank, which samples. Steps can be sent ahead (`submit_step`); their
+answers are read in the order sent, and before any other call's, since
+they come back on the same queue. Results are typed per method
+(`_RESULT_TYPES`).
 
 How the ranks' processes are started, watched and stopped is the
 subclass's: `MultiprocExecutor` spawns local processes, `RayExecutor` places
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import abstractmethod
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +34,7 @@ from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.distributed.shm_broadcast import AnyReader, MessageQueue, MessageQueueClosed, MessageQueueTimeout
-from pagoda.worker.executor import Executor
+from pagoda.worker.executor import Executor, PendingStep
 from pagoda.worker.executor_errors import ExecutorFailedError
 from pagoda.worker.rpc_messages import RpcCall, WireKVCacheConfig, WireSpec
 
@@ -66,6 +71,8 @@ class QueueExecutor(Executor):
         self._lock = threading.Lock()
         self._broadcast = broadcast
         self._channels: list[RankChannel] = []
+        self._step_rank = config.parallel_config.last_stage_rank
+        self._pending_steps: deque[PendingStep] = deque()
 
     @abstractmethod
     def _stop_workers(self, wait_s: float = 0.0) -> None:
@@ -77,6 +84,7 @@ class QueueExecutor(Executor):
             raise ValueError(f"{method}: worker calls take no keyword arguments")
         if self.failure is not None:
             raise ExecutorFailedError(self.failure)
+        self._read_pending_steps()
         call = RpcCall(method=method, reply_rank=reply_rank, **_argument(method, args))
         try:
             self._broadcast.enqueue(call, timeout=timeout)
@@ -103,7 +111,29 @@ class QueueExecutor(Executor):
         self.collective_rpc("initialize_kv_cache", (kv_cache_config,))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.collective_rpc("execute_model", (scheduler_output,), reply_rank=0)[0]
+        return self.submit_step(scheduler_output).result()
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        if self.failure is not None:
+            raise ExecutorFailedError(self.failure)
+        call = RpcCall(method="execute_model", reply_rank=self._step_rank, scheduler_output=scheduler_output)
+        try:
+            self._broadcast.enqueue(call)
+        except (MessageQueueClosed, MessageQueueTimeout) as error:
+            raise ExecutorFailedError(self._fail(f"sending execute_model to the workers failed: {error}")) from error
+        step = PendingStep(reader=self._read_steps_through)
+        self._pending_steps.append(step)
+        return step
+
+    def _read_steps_through(self, step: PendingStep) -> None:
+        """Read step answers, oldest first, until `step`'s is in."""
+        channel = self._channels[self._step_rank]
+        while not step.done:
+            self._pending_steps.popleft().set_output(self._answer(channel, "execute_model", None))
+
+    def _read_pending_steps(self) -> None:
+        if self._pending_steps:
+            self._read_steps_through(self._pending_steps[-1])
 
     def check_health(self) -> None:
         self.collective_rpc("check_health", timeout=10.0)

@@ -8,7 +8,7 @@ import torch
 
 from pagoda.config import PagodaConfig
 from pagoda.core.connector.base import WorkerConnector
-from pagoda.distributed.parallel_state import SINGLE_RANK, destroy_tensor_parallel, init_tensor_parallel
+from pagoda.distributed.parallel_state import destroy_distributed, init_distributed
 from pagoda.core.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from pagoda.core.model_runner_output import ModelRunnerOutput
 from pagoda.core.scheduler_output import SchedulerOutput
@@ -47,13 +47,11 @@ class Worker:
         self.device = device if device is not None else select_device()
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or config.parallel_config.threads_per_rank)
-        world_size = config.parallel_config.world_size
-        if world_size > 1 and init_method is None:
-            raise ValueError(f"{world_size} tensor-parallel ranks need an init_method to meet at")
-        self.tp = (init_tensor_parallel(rank, world_size, init_method, self.device) if world_size > 1
-                   else SINGLE_RANK)
+        parallel = config.parallel_config
+        self.tp, self.pp = init_distributed(rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                                            init_method, self.device)
         torch.manual_seed(config.model_config.seed)
-        self.model_runner = ModelRunner(config, self.device, self.tp)
+        self.model_runner = ModelRunner(config, self.device, self.tp, self.pp)
 
     def load_model(self) -> None:
         self.model_runner.load_model()
@@ -96,7 +94,7 @@ class Worker:
     def shutdown(self) -> None:
         for connector in self._connectors():
             connector.close()
-        destroy_tensor_parallel(self.tp)
+        destroy_distributed(self.tp, self.pp)
 
     def _connectors(self) -> list[WorkerConnector]:
         runner = self.model_runner

@@ -80,6 +80,7 @@ def make_scheduler(
     sliding_windows: tuple[int, ...] = (),
     hash_algo: str = "sha256",
     kv_connector: KVConnectorSchedulerSide | None = None,
+    pipeline_parallel: bool = False,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -94,6 +95,7 @@ def make_scheduler(
         ),
         make_kv_cache_config(num_blocks, block_size, sliding_windows),
         kv_connector=kv_connector,
+        pipeline_parallel=pipeline_parallel,
     )
 
 

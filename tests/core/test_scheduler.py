@@ -299,6 +299,37 @@ def test_scheduler_output_diffs() -> None:
     assert fourth.scheduled_cached_reqs.resumed_from_preemption == [False]
 
 
+def test_pipeline_stages_are_sent_the_tokens_they_did_not_sample() -> None:
+    plain, staged = make_scheduler(), make_scheduler(pipeline_parallel=True)
+    for scheduler in (plain, staged):
+        add(scheduler, "a", 6, max_tokens=50)
+    plain_runner, staged_runner = FakeRunner(plain), FakeRunner(staged)
+    first, _ = staged_runner.step()
+    assert first.scheduled_cached_reqs.new_token_ids == []  # a new request travels in full
+    plain_runner.step()
+    second, _ = staged_runner.step()
+    # The step computes the one token sampled last step (position 6), which only the last stage has.
+    assert second.scheduled_cached_reqs.new_token_ids == [staged.requests["a"].output_token_ids[:1]]
+    assert plain_runner.step()[0].scheduled_cached_reqs.new_token_ids == []
+
+
+def test_a_resumed_request_brings_every_stage_its_output_tokens() -> None:
+    scheduler = make_scheduler(num_blocks=7, pipeline_parallel=True)  # 6 usable blocks, as above
+    add(scheduler, "a", 8, max_tokens=50)
+    add(scheduler, "b", 8, offset=40, max_tokens=50)
+    add(scheduler, "c", 4, offset=80, max_tokens=50)
+    runner = FakeRunner(scheduler)
+    runner.step()
+    runner.step()  # c is preempted with one output token
+    scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    output, _ = runner.step()
+    cached = output.scheduled_cached_reqs
+    assert cached.req_ids == ["b", "c"] and cached.resumed_from_preemption == [False, True]
+    # All the output tokens it had when it was preempted: one (it has sampled another since).
+    assert cached.new_token_ids[1] == scheduler.requests["c"].output_token_ids[:1]
+    assert len(cached.new_token_ids[1]) == 1
+
+
 def test_worker_mirror_stays_in_sync() -> None:
     scheduler = make_scheduler(num_blocks=20, max_num_batched_tokens=16)
     for i in range(5):

@@ -1,7 +1,7 @@
 """`RayExecutor`: the ranks as Ray actors on a local Ray instance bound to loopback (usage stats off).
 
 TP=2 (Gemma 3 270M) and TP=3 (SmolLM2) greedy tokens equal one rank's in float32, over shared memory and over
-the TCP queues other nodes use; a rank killed, stopped, or raising inside `execute_model` fails the engine within
+the TCP queues other nodes use, and so do two pipeline stages; a rank killed, stopped, or raising inside `execute_model` fails the engine within
 seconds; shutdown leaves no actor behind.
 """
 
@@ -95,6 +95,16 @@ def test_ray_ranks_give_one_ranks_greedy_tokens(ray_cluster: str, model_paths: d
     while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids):
         assert time.monotonic() < deadline, "a Ray actor outlived shutdown"
         time.sleep(0.2)
+
+
+def test_ray_pipeline_stages_give_one_ranks_greedy_tokens(ray_cluster: str, model_paths: dict[str, Path],
+                                                         one_rank_tokens: dict[str, list[list[int]]]) -> None:
+    llm = ray_llm(model_paths["gemma3-270m"], 1, pipeline_parallel_size=2, max_num_batched_tokens=8)
+    try:
+        assert len(executor_of(llm).worker_pids) == 2
+        assert greedy_tokens(llm) == one_rank_tokens["gemma3-270m"]
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])

@@ -33,3 +33,18 @@ def test_explicit_kv_cache_memory_wins() -> None:
     sizing = size_kv_cache(SPECS, 10 * BLOCK_BYTES, CacheConfig(kv_cache_memory=5000 * BLOCK_BYTES), scheduler)
     assert sizing.config.num_blocks == 5000
     assert sizing.reason == "kv_cache_memory as configured"
+
+
+def test_pipeline_stages_size_the_cache_by_the_fullest_stage() -> None:
+    # Four full-attention layers in one group of four tensors: each of 2 stages allocates two, so the same
+    # bytes per rank hold twice the blocks; 3 stages split the layers 2 + 1 + 1 and the first holds two.
+    specs = [FULL] * 4
+    memory = CacheConfig(kv_cache_memory=1000 * 4 * BLOCK_BYTES)
+    scheduler = SchedulerConfig(max_num_seqs=1, max_model_len=64)
+    assert size_kv_cache(specs, 0, memory, scheduler).config.num_blocks == 1000
+    assert size_kv_cache(specs, 0, memory, scheduler, num_stages=2).config.num_blocks == 2000
+    assert size_kv_cache(specs, 0, memory, scheduler, num_stages=3).config.num_blocks == 2000
+    # Layers of one stage sharing one position across groups: no saving to be had.
+    shared = size_kv_cache(SPECS, 0, CacheConfig(kv_cache_memory=3000 * BLOCK_BYTES), scheduler, num_stages=3)
+    assert shared.config.num_blocks == size_kv_cache(SPECS, 0, CacheConfig(kv_cache_memory=3000 * BLOCK_BYTES),
+                                                     scheduler).config.num_blocks
